@@ -1,0 +1,203 @@
+"""The ``surge`` command: ``run`` (embedded default), ``serve`` (gateway only), ``train``, ``validate``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from services.config import DEFAULT_CONFIG, ConfigError, StudyConfig, load_config
+
+
+def _fmt(v: float | None, spec: str = ".4f") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def render_progress(snap: dict[str, Any]) -> Any:
+    """A rich table of one study snapshot (simulations, throughput, buffer, training)."""
+    from rich.table import Table
+
+    s, sm, b, tr = snap["simulations"], snap["samples"], snap["buffer"], snap["training"]
+    table = Table(title=f"study {snap['id']} — {snap['state']} — {snap['elapsed_s']:.0f} s", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("simulations", f"{s['done']} done / {s['dispatched']} assigned / {s['budget']} budget")
+    table.add_row("samples/s", f"produced {sm['produced_per_s']:,.0f}   consumed {sm['consumed_per_s']:,.0f}")
+    fill = b["held"] / max(1, b["capacity"])
+    table.add_row("buffer", f"{b['held']:,} / {b['capacity']:,} ({fill:.0%}, {b['policy']})")
+    table.add_row("training", f"step {tr['step']:,} / {tr['steps']:,}   loss {_fmt(tr['loss'])}")
+    version = tr["version"] if tr["version"] is not None else "—"
+    table.add_row("validation", f"rel. L2 {_fmt(tr['validation_error'])}   model version {version}")
+    if snap.get("error"):
+        table.add_row("error", f"[red]{snap['error']}[/red]")
+    return table
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def init_ray(cpus: int | None, address: str | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        # Logical CPUs, not cores: solver actors and trainer workers each reserve one.
+        ray.init(num_cpus=cpus or max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+
+
+def _load(path: str | None) -> StudyConfig:
+    try:
+        return load_config(path or DEFAULT_CONFIG)
+    except ConfigError as e:
+        print(f"surge: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import uvicorn
+    from rich.console import Console
+    from rich.live import Live
+
+    from services.gateway.app import create_app
+    from services.gateway.settings import GatewaySettings
+    from services.study import StudyManager
+
+    cfg = _load(args.config)
+    console = Console()
+    if not _port_free(args.host, args.port):
+        console.print(f"[red]surge: port {args.port} on {args.host} is in use; pass --port[/red]")
+        return 2
+    token = os.environ.get("SURGE_API_TOKEN") or secrets.token_urlsafe(24)
+    settings = GatewaySettings.from_env(store=Path(args.store), api_token=token)
+    init_ray(args.cpus, args.address)
+    manager = StudyManager(settings.store, settings.max_running_studies)
+    app = create_app(settings, manager)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+    threading.Thread(target=server.run, name="gateway", daemon=True).start()
+    study = manager.start(cfg)
+    console.print(f"gateway on http://{args.host}:{args.port}  (API token for /v1/studies: {token})")
+    console.print(f"model [bold]{cfg.served_name}[/bold] is served from {settings.store.resolve()} as it trains")
+    try:
+        with Live(render_progress(study.snapshot()), console=console, refresh_per_second=2) as live:
+            while study.running:
+                time.sleep(0.5)
+                live.update(render_progress(study.snapshot()))
+            live.update(render_progress(study.snapshot()))
+        if study.state == "failed":
+            console.print(f"[red]study failed: {study.error}[/red]")
+        console.print(f"study {study.state}; still serving on http://{args.host}:{args.port} — Ctrl-C to stop")
+        if args.exit_when_done:
+            return 0 if study.state == "finished" else 1
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        console.print("stopping…")
+        return 0
+    finally:
+        manager.stop_all(timeout=30)
+        server.should_exit = True
+        import ray
+
+        ray.shutdown()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from services.gateway.app import create_app
+    from services.gateway.settings import GatewaySettings
+
+    settings = GatewaySettings.from_env(store=Path(args.store) if args.store else None)
+    manager = None
+    if args.address:
+        from services.study import StudyManager
+
+        init_ray(None, args.address)
+        manager = StudyManager(settings.store, settings.max_running_studies)
+    uvicorn.run(create_app(settings, manager), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from services.study import StudyManager
+
+    cfg = _load(args.config)
+    init_ray(args.cpus, args.address)
+    study = StudyManager(Path(args.store)).start(cfg)
+    console = Console()
+    try:
+        while study.running:
+            time.sleep(2)
+            console.print(render_progress(study.snapshot()))
+    except KeyboardInterrupt:
+        study.stop()
+    study.join()
+    console.print(render_progress(study.snapshot()))
+    return 0 if study.state in ("finished", "stopped") else 1
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    print(f"{args.config}: ok (study {cfg.name!r}, solver {cfg.problem.solver}, model {cfg.training.model})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog="surge", description="Online training of PDE surrogates on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser, config: bool = True) -> None:
+        if config:
+            sp.add_argument("config", nargs="?", default=None, help=f"study YAML (default {DEFAULT_CONFIG.name})")
+        sp.add_argument("--store", default=os.environ.get("SURGE_STORE", "models"), help="model store directory")
+        sp.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: local)")
+        sp.add_argument("--cpus", type=int, default=None, help="logical CPUs of the local Ray")
+
+    r = sub.add_parser("run", help="embedded default: local Ray, a study, the gateway")
+    common(r)
+    r.add_argument("--host", default="127.0.0.1")
+    r.add_argument("--port", type=int, default=8000)
+    r.add_argument("--exit-when-done", action="store_true", help="exit when the study ends")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("serve", help="the gateway alone (studies need --address)")
+    s.add_argument("--store", default=None)
+    s.add_argument("--address", default=None)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.set_defaults(func=cmd_serve)
+
+    t = sub.add_parser("train", help="run a study without the gateway")
+    common(t)
+    t.set_defaults(func=cmd_train)
+
+    v = sub.add_parser("validate", help="check a study config")
+    v.add_argument("config")
+    v.set_defaults(func=cmd_validate)
+
+    args = p.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

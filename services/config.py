@@ -1,0 +1,148 @@
+"""Study configuration: YAML validated once at the edge by pydantic.
+
+An invalid config raises ``ConfigError`` with one message per problem, each naming
+the field (``training.batch_size``) and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+import solvers
+from trainer.models import available as model_names
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "heat2d-mlp.yaml"
+
+
+class ConfigError(ValueError):
+    """A study config that cannot run; the message names the offending field(s)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProblemConfig(_Strict):
+    solver: str = "heat2d"
+    config: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _solver_config(self) -> ProblemConfig:
+        if self.solver not in solvers.available():
+            raise ValueError(f"unknown solver {self.solver!r}; available: {', '.join(solvers.available())}")
+        cls = solvers.config_class(self.solver)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(self.config) - known)
+        if unknown:
+            raise ValueError(f"unknown {self.solver} setting(s) {unknown}; allowed: {sorted(known)}")
+        try:
+            cls(**self.config)
+        except (TypeError, ValueError) as e:
+            raise ValueError(str(e)) from None
+        return self
+
+
+class SamplerConfig(_Strict):
+    kind: Literal["uniform", "sobol"] = "uniform"
+    seed: int = Field(0, ge=0)
+
+
+class SolverActorsConfig(_Strict):
+    actors: int = Field(1, ge=1, le=256, description="number of solver actors")
+    sims_per_call: int = Field(8, ge=1, le=4096, description="simulations solved together in one batched call")
+    chunk_steps: int = Field(10, ge=1, description="recorded steps gathered into one chunk sent to the buffer")
+    num_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per solver actor")
+
+
+class BufferConfig(_Strict):
+    policy: Literal["fifo", "firo", "reservoir"] = "fifo"
+    capacity: int = Field(20_000, ge=1)
+    watermark: int = Field(2_000, ge=0)
+    capacity_mb: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _watermark(self) -> BufferConfig:
+        if self.watermark > self.capacity:
+            raise ValueError(f"watermark ({self.watermark}) must not exceed capacity ({self.capacity})")
+        return self
+
+
+class TrainingConfig(_Strict):
+    model: str = "mlp"
+    arch: dict[str, Any] = Field(default_factory=dict)
+    batch_size: int = Field(64, ge=1, le=65_536)
+    steps: int = Field(2_000, ge=1)
+    lr: float = Field(1e-3, gt=0, le=1.0)
+    warmup: int = Field(0, ge=0)
+    workers: int = Field(1, ge=1, le=1024)
+    use_gpu: bool = False
+    validate_every: int = Field(200, ge=1, description="validate and publish a checkpoint every K steps")
+    validation_simulations: int = Field(16, ge=1, le=10_000)
+    validation_seed: int = Field(1_000_003, ge=0)
+    keep_versions: int = Field(5, ge=1)
+    threads: int | None = Field(None, ge=1, description="torch threads per worker (default: Ray's CPU share)")
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        if v not in model_names():
+            raise ValueError(f"unknown model {v!r}; available: {', '.join(model_names())}")
+        return v
+
+
+class StudyConfig(_Strict):
+    name: str = Field("study", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    problem: ProblemConfig = Field(default_factory=ProblemConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    simulations: int = Field(10_000, ge=1, description="fresh simulations at most; the study ends with training")
+    solvers: SolverActorsConfig = Field(default_factory=SolverActorsConfig)
+    buffer: BufferConfig = Field(default_factory=BufferConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+    @property
+    def served_name(self) -> str:
+        """The model-store name the study publishes under (defaults to the solver's name)."""
+        return self.model_name or self.problem.solver
+
+
+def _format(e: ValidationError, source: str) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}")
+    return f"invalid study config ({source}): " + "; ".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>") -> StudyConfig:
+    """Validate a mapping (parsed YAML/JSON) into a ``StudyConfig``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid study config ({source}): expected a mapping at the top level")
+    try:
+        return StudyConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format(e, source)) from None
+
+
+def parse_yaml(text: str, source: str = "<config>") -> StudyConfig:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"invalid study config ({source}): not valid YAML: {e}") from None
+    return parse_config(data if data is not None else {}, source)
+
+
+def load_config(path: str | Path) -> StudyConfig:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read study config {p}: {e.strerror}") from None
+    return parse_yaml(text, str(p))

@@ -1,0 +1,44 @@
+"""The FastAPI gateway: serves the model store over REST while studies train."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from services.gateway.hub import ModelHub
+from services.gateway.routes import models, studies, system
+from services.gateway.settings import GatewaySettings
+from services.study import StudyManager
+
+
+def create_app(settings: GatewaySettings | None = None, manager: StudyManager | None = None) -> FastAPI:
+    """Build the gateway. ``manager`` is None when no Ray cluster is attached (studies answer 503)."""
+    settings = settings or GatewaySettings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.hub.start()
+        try:
+            yield
+        finally:
+            app.state.hub.stop()
+
+    app = FastAPI(title="Surge", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.hub = ModelHub(settings.store, settings.poll_interval_s)
+    app.state.manager = manager
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        return JSONResponse({"detail": f"{loc}: {err['msg']}"}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+    app.include_router(models.router)
+    app.include_router(studies.router)
+    app.include_router(system.router)
+    return app

@@ -1,0 +1,60 @@
+"""Shared dependencies of the gateway's routes, as named ``Annotated`` aliases."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+
+from services.gateway.hub import ModelHub
+from services.gateway.settings import GatewaySettings
+from services.study import StudyManager
+
+TOKEN_MISSING = "missing or invalid bearer token"
+MUTATIONS_DISABLED = "study mutations are disabled: the gateway has no API token (set SURGE_API_TOKEN)"
+STUDIES_UNAVAILABLE = "studies are unavailable: this gateway is not connected to a Ray cluster"
+BODY_TOO_LARGE = "request body exceeds the limit of {limit} bytes"
+
+
+def get_settings(request: Request) -> GatewaySettings:
+    return request.app.state.settings
+
+
+def get_hub(request: Request) -> ModelHub:
+    return request.app.state.hub
+
+
+def get_manager(request: Request) -> StudyManager:
+    manager = request.app.state.manager
+    if manager is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, STUDIES_UNAVAILABLE)
+    return manager
+
+
+def require_token(request: Request, settings: Annotated[GatewaySettings, Depends(get_settings)]) -> None:
+    if not settings.api_token:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, MUTATIONS_DISABLED)
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_token.encode()):
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, TOKEN_MISSING, headers={"WWW-Authenticate": "Bearer"})
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it grows past ``limit`` (chunked bodies too)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, BODY_TOO_LARGE.format(limit=limit))
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, BODY_TOO_LARGE.format(limit=limit))
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]
+HubDep = Annotated[ModelHub, Depends(get_hub)]
+ManagerDep = Annotated[StudyManager, Depends(get_manager)]
+TokenDep = Annotated[None, Depends(require_token)]

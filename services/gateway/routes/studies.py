@@ -1,0 +1,67 @@
+"""``/v1/studies``: start, follow and stop studies (mutations need the bearer token)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request, status
+
+from services.config import ConfigError, parse_config, parse_yaml
+from services.gateway.deps import ManagerDep, SettingsDep, TokenDep, read_body
+from services.gateway.schemas import ErrorPublic, StudyList, StudyPublic
+
+router = APIRouter(prefix="/v1/studies", tags=["studies"])
+
+STUDY_NOT_FOUND = "study {id!r} not found"
+_ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorPublic} for c in (401, 403, 404, 409, 413, 415, 422, 503)}
+
+
+@router.post("", response_model=StudyPublic, status_code=status.HTTP_201_CREATED, responses=_ERRORS)
+async def create_study(request: Request, _: TokenDep, manager: ManagerDep, settings: SettingsDep) -> StudyPublic:
+    """Start a study from a config body (JSON, or YAML with ``application/yaml``)."""
+    body = await read_body(request, settings.max_body_bytes)
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    try:
+        if ctype in ("application/yaml", "application/x-yaml", "text/yaml", "text/plain"):
+            cfg = parse_yaml(body.decode("utf-8", errors="replace"), "request body")
+        elif ctype == "application/json":
+            try:
+                data = json.loads(body or b"{}")
+            except ValueError as e:
+                raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"body is not valid JSON: {e}") from None
+            cfg = parse_config(data, "request body")
+        else:
+            raise HTTPException(
+                status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, f"unsupported content type {ctype!r}: send JSON or YAML"
+            )
+    except ConfigError as e:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from None
+    try:
+        study = manager.start(cfg)
+    except RuntimeError as e:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from None
+    return StudyPublic(**study.snapshot())
+
+
+@router.get("", response_model=StudyList)
+def list_studies(manager: ManagerDep) -> StudyList:
+    return StudyList(studies=[StudyPublic(**s.snapshot()) for s in manager.list()])
+
+
+@router.get("/{study_id}", response_model=StudyPublic, responses=_ERRORS)
+def get_study(study_id: str, manager: ManagerDep) -> StudyPublic:
+    study = manager.get(study_id)
+    if study is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, STUDY_NOT_FOUND.format(id=study_id))
+    return StudyPublic(**study.snapshot())
+
+
+@router.delete("/{study_id}", response_model=StudyPublic, status_code=status.HTTP_202_ACCEPTED, responses=_ERRORS)
+def stop_study(study_id: str, _: TokenDep, manager: ManagerDep) -> StudyPublic:
+    """Stop a study: the trainer publishes a last checkpoint, then everything it started ends."""
+    study = manager.get(study_id)
+    if study is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, STUDY_NOT_FOUND.format(id=study_id))
+    study.stop()
+    return StudyPublic(**study.snapshot())

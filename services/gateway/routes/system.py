@@ -1,0 +1,21 @@
+"""``/healthz`` and ``/metrics``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from services.gateway.deps import HubDep
+from services.gateway.schemas import Health
+
+router = APIRouter(tags=["system"])
+
+
+@router.get("/healthz", response_model=Health)
+def healthz(request: Request, hub: HubDep) -> Health:
+    return Health(status="ok", models=hub.names(), studies_enabled=request.app.state.manager is not None)
+
+
+@router.get("/metrics", response_class=Response)
+def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

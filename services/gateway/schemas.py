@@ -1,0 +1,84 @@
+"""Request and response models of the gateway, one pair per resource."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorPublic(BaseModel):
+    detail: str
+
+
+class ParamPublic(BaseModel):
+    name: str
+    low: float
+    high: float
+
+
+class ModelSummary(BaseModel):
+    name: str
+    version: int
+    problem: str
+    architecture: str
+    validation_error: float | None
+    samples_seen: int
+
+
+class ModelCardPublic(BaseModel):
+    name: str
+    version: int
+    problem: dict[str, Any]
+    parameters: list[ParamPublic]
+    time_range: tuple[float, float]
+    architecture: dict[str, Any]
+    input_shape: list[int]
+    output_shape: list[int]
+    fields: list[str]
+    samples_seen: int
+    train_steps: int
+    validation_error: float | None
+    created_at: float
+    study_id: str | None
+
+
+class ModelList(BaseModel):
+    models: list[ModelSummary]
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    params: dict[str, float] = Field(description="one value per parameter of the model, by name")
+    times: list[float] = Field(min_length=1, description="physical times at which to predict the fields")
+
+
+class PredictResponse(BaseModel):
+    model: str
+    version: int
+    shape: list[int]
+    outputs: list[Any]
+
+
+class StudyPublic(BaseModel):
+    id: str
+    name: str
+    model_name: str
+    state: str
+    error: str | None
+    elapsed_s: float
+    simulations: dict[str, int]
+    samples: dict[str, float]
+    buffer: dict[str, Any]
+    training: dict[str, Any]
+
+
+class StudyList(BaseModel):
+    studies: list[StudyPublic]
+
+
+class Health(BaseModel):
+    status: str
+    models: list[str]
+    studies_enabled: bool

@@ -1,0 +1,368 @@
+"""Study orchestration on Ray: solver actors -> buffer actor -> Ray Train, driven from one thread.
+
+The driver assigns simulations by id (parameters and seed fixed per id), keeps every
+solver actor busy with a bounded number of calls in flight, closes the buffer when the
+simulation budget is spent, and stops the solvers when training is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+import solvers
+from services import metrics as M
+from services.actors import BufferActor, SolverActor
+from services.config import StudyConfig
+from services.sampling import Sampler, simulation_seeds
+from services.training import train_worker, validation_set
+from trainer.problem import ProblemSpec
+
+log = logging.getLogger("surge.study")
+
+_CALLS_IN_FLIGHT = 2  # per solver actor: one running, one queued, so an actor never idles between calls
+
+
+class Study:
+    """One running study. Thread-safe ``snapshot()`` for the gateway, CLI and metrics."""
+
+    def __init__(self, config: StudyConfig, store_root: str | Path, study_id: str | None = None) -> None:
+        self.config = config
+        self.id = study_id or f"{config.name}-{uuid.uuid4().hex[:8]}"
+        self.store_root = str(Path(store_root).resolve())
+        solver_cfg = dict(config.problem.config)
+        solver = solvers.get(config.problem.solver, **solver_cfg)
+        self.spec = ProblemSpec.from_solver(solver, solver_cfg)
+        self.state = "created"
+        self.error: str | None = None
+        self.started_at: float | None = None
+        self.ended_at: float | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._sims = {"dispatched": 0, "done": 0, "failed": 0, "cancelled": 0}
+        self._produced = 0
+        self._solve_s = 0.0
+        self._buffer_stats: dict[str, Any] = {}
+        self._counted = {"consumed": 0, "evicted": 0, "duplicates": 0, "data_wait": 0.0, "steps": 0}
+        self._rates: dict[str, float] = {"produced_per_s": 0.0, "consumed_per_s": 0.0}
+        self._thread: threading.Thread | None = None
+        self.buffer: ray.actor.ActorHandle | None = None
+        self.actors: list[ray.actor.ActorHandle] = []
+        self.done_ids: list[int] = []
+
+    # Lifecycle -------------------------------------------------------------------
+    def start(self) -> Study:
+        self.state = "starting"
+        self.started_at = time.time()
+        M.STUDIES_RUNNING.inc()
+        self._thread = threading.Thread(target=self._main, name=f"study-{self.id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Ask the study to end: solvers stop, the trainer validates and publishes once more, then ends."""
+        self._stop.set()
+        if self.buffer is not None:
+            try:
+                self.buffer.abort.remote()
+            except Exception:  # the actor may already be gone
+                pass
+
+    def join(self, timeout: float | None = None) -> bool:
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    @property
+    def running(self) -> bool:
+        return self.state in ("starting", "running")
+
+    # Driver ------------------------------------------------------------------------
+    def _main(self) -> None:
+        cfg = self.config
+        trainer_thread: threading.Thread | None = None
+        train_error: list[BaseException] = []
+        try:
+            x_val, y_val = validation_set(self.spec, cfg.training.validation_simulations, cfg.training.validation_seed)
+            capacity_bytes = int(cfg.buffer.capacity_mb * 2**20) if cfg.buffer.capacity_mb else None
+            self.buffer = BufferActor.options(num_cpus=0).remote(
+                cfg.buffer.policy, cfg.buffer.capacity, cfg.buffer.watermark, capacity_bytes, cfg.sampler.seed
+            )
+            problem = self.spec.to_dict()
+            self.actors = [
+                SolverActor.options(num_cpus=cfg.solvers.num_cpus).remote(problem, self.buffer, cfg.solvers.chunk_steps)
+                for _ in range(cfg.solvers.actors)
+            ]
+            trainer = self._make_trainer(ray.put((x_val, y_val)))
+
+            def fit() -> None:
+                try:
+                    trainer.fit()
+                except BaseException as e:
+                    train_error.append(e)
+
+            trainer_thread = threading.Thread(target=fit, name=f"train-{self.id}", daemon=True)
+            trainer_thread.start()
+            self.state = "running"
+            monitor = threading.Thread(target=self._monitor, name=f"monitor-{self.id}", daemon=True)
+            monitor.start()
+            self._dispatch(lambda: trainer_thread.is_alive())
+            # Simulations exhausted (or stop asked): let the trainer drain the buffer and finish.
+            self.buffer.close.remote()
+            while trainer_thread.is_alive():
+                trainer_thread.join(0.5)
+                if self._stop.is_set():
+                    self.buffer.abort.remote()
+            self._poll()
+            if train_error:
+                raise train_error[0]
+            self.state = "stopped" if self._stop.is_set() else "finished"
+        except BaseException as e:
+            log.exception("study %s failed", self.id)
+            self.error = f"{type(e).__name__}: {e}"
+            self.state = "failed"
+        finally:
+            self._teardown(trainer_thread)
+            self.ended_at = time.time()
+            M.STUDIES_RUNNING.dec()
+
+    def _make_trainer(self, validation_ref: ray.ObjectRef) -> Any:
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        t = self.config.training
+        loop_config = {
+            "problem": self.spec.to_dict(),
+            "buffer": self.buffer,
+            "validation": validation_ref,
+            "model": t.model,
+            "arch": dict(t.arch),
+            "batch_size": t.batch_size,
+            "steps": t.steps,
+            "lr": t.lr,
+            "warmup": t.warmup,
+            "validate_every": t.validate_every,
+            "keep_versions": t.keep_versions,
+            "threads": t.threads,
+            "store": self.store_root,
+            "model_name": self.config.served_name,
+            "study_id": self.id,
+            "seed": self.config.sampler.seed,
+        }
+        storage = Path(tempfile.gettempdir()) / "surge-ray-train"
+        return TorchTrainer(
+            train_worker,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu),
+            run_config=RunConfig(name=self.id, storage_path=str(storage)),
+        )
+
+    def _dispatch(self, trainer_alive: Any) -> None:
+        cfg = self.config
+        sampler = Sampler(self.spec.params, cfg.sampler.kind, cfg.sampler.seed)
+        inflight: dict[ray.ObjectRef, tuple[int, np.ndarray]] = {}
+        load = [0] * len(self.actors)
+        next_id = 0
+        while not self._stop.is_set() and trainer_alive():
+            for a, actor in enumerate(self.actors):
+                while load[a] < _CALLS_IN_FLIGHT and next_id < cfg.simulations:
+                    n = min(cfg.solvers.sims_per_call, cfg.simulations - next_id)
+                    ids = np.arange(next_id, next_id + n, dtype=np.int64)
+                    params = sampler.draw(n)
+                    ref = actor.run.remote(ids, params, simulation_seeds(cfg.sampler.seed, ids))
+                    inflight[ref] = (a, ids)
+                    load[a] += 1
+                    next_id += n
+                    with self._lock:
+                        self._sims["dispatched"] += n
+            if not inflight:
+                return
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+            for ref in ready:
+                a, ids = inflight.pop(ref)
+                load[a] -= 1
+                self._collect(ref, ids)
+        # Stopping: the buffer is aborted by the caller; collect what is still running.
+        if self.buffer is not None and (self._stop.is_set() or not trainer_alive()):
+            self.buffer.abort.remote()
+        for ref, (_, ids) in inflight.items():
+            self._collect(ref, ids, timeout=30)
+
+    def _collect(self, ref: ray.ObjectRef, ids: np.ndarray, timeout: float | None = None) -> None:
+        try:
+            res = ray.get(ref, timeout=timeout)
+        except Exception as e:
+            log.warning("simulations %s..%s failed: %s", ids[0], ids[-1], e)
+            with self._lock:
+                self._sims["failed"] += len(ids)
+            M.SIMULATIONS.labels(self.id, "failed").inc(len(ids))
+            return
+        status = "cancelled" if res["closed"] else "done"
+        with self._lock:
+            self._sims[status] += len(ids)
+            self._produced += res["produced"]
+            self._solve_s += res["solve_s"]
+            if status == "done":
+                self.done_ids.extend(int(i) for i in ids)
+        M.SIMULATIONS.labels(self.id, status).inc(len(ids))
+        M.SAMPLES_PRODUCED.labels(self.id).inc(res["produced"])
+
+    def _monitor(self) -> None:
+        while self.running:
+            self._poll()
+            time.sleep(1.0)
+
+    def _poll(self) -> None:
+        if self.buffer is None:
+            return
+        try:
+            st = ray.get(self.buffer.stats.remote(), timeout=5)
+        except Exception:
+            return
+        now = time.time()
+        tr = st.get("training", {})
+        prev = self._buffer_stats
+        with self._lock:
+            if prev:
+                dt = max(1e-6, now - prev["_time"])
+                self._rates = {
+                    "produced_per_s": (st["received"] + st["duplicates"] - prev["received"] - prev["duplicates"]) / dt,
+                    "consumed_per_s": (st["consumed"] - prev["consumed"]) / dt,
+                }
+            self._buffer_stats = {**st, "_time": now}
+        sid = self.id
+        c = self._counted
+        M.BUFFER_SAMPLES.labels(sid).set(st["held"])
+        M.BUFFER_CAPACITY.labels(sid).set(st["capacity"])
+        for key, metric, new in (
+            ("consumed", M.SAMPLES_CONSUMED, st["consumed"]),
+            ("evicted", M.BUFFER_EVICTIONS, st["evicted"]),
+            ("duplicates", M.SAMPLES_DUPLICATE, st["duplicates"]),
+            ("data_wait", M.DATA_WAIT, tr.get("data_wait_s", 0.0)),
+            ("steps", M.TRAIN_STEPS, tr.get("step", 0)),
+        ):
+            if new > c[key]:
+                metric.labels(sid).inc(new - c[key])
+                c[key] = new
+        if tr.get("loss") is not None and np.isfinite(tr.get("loss", np.nan)):
+            M.TRAIN_LOSS.labels(sid).set(tr["loss"])
+        if tr.get("validation_error") is not None and np.isfinite(tr.get("validation_error", np.nan)):
+            M.VALIDATION_ERROR.labels(sid).set(tr["validation_error"])
+
+    def _teardown(self, trainer_thread: threading.Thread | None) -> None:
+        if self.buffer is not None:
+            try:
+                self.buffer.abort.remote()
+            except Exception:
+                pass
+        if trainer_thread is not None:
+            trainer_thread.join(60)
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:
+                pass
+        # The buffer actor is kept until the study object goes away so that its counts can be read.
+
+    def release(self) -> None:
+        """Free the buffer actor (its final counts stay in the last snapshot)."""
+        if self.buffer is not None:
+            self._poll()
+            try:
+                ray.kill(self.buffer, no_restart=True)
+            except Exception:
+                pass
+            self.buffer = None
+
+    # Reading -------------------------------------------------------------------------
+    def received_by_sim(self) -> dict[int, int]:
+        assert self.buffer is not None
+        return ray.get(self.buffer.received_by_sim.remote())
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            st = dict(self._buffer_stats)
+            sims = dict(self._sims)
+            rates = dict(self._rates)
+            produced = self._produced
+        tr = st.get("training", {})
+        elapsed = ((self.ended_at or time.time()) - self.started_at) if self.started_at else 0.0
+        t = self.config.training
+        return {
+            "id": self.id,
+            "name": self.config.name,
+            "model_name": self.config.served_name,
+            "state": self.state,
+            "error": self.error,
+            "elapsed_s": elapsed,
+            "simulations": {**sims, "budget": self.config.simulations},
+            "samples": {
+                "produced": max(produced, st.get("received", 0) + st.get("duplicates", 0)),
+                "received": st.get("received", 0),
+                "duplicates": st.get("duplicates", 0),
+                "consumed": st.get("consumed", 0),
+                **rates,
+            },
+            "buffer": {
+                "policy": self.config.buffer.policy,
+                "held": st.get("held", 0),
+                "capacity": st.get("capacity", self.config.buffer.capacity),
+                "watermark_reached": st.get("watermark_reached", False),
+                "evicted": st.get("evicted", 0),
+            },
+            "training": {
+                "step": tr.get("step", 0),
+                "steps": t.steps,
+                "loss": _finite(tr.get("loss")),
+                "validation_error": _finite(tr.get("validation_error")),
+                "samples_seen": tr.get("samples_seen", 0),
+                "data_wait_s": tr.get("data_wait_s", 0.0),
+                "compute_s": tr.get("compute_s", 0.0),
+                "version": tr.get("version"),
+                "history": tr.get("history", []),
+            },
+        }
+
+
+def _finite(v: Any) -> float | None:
+    return float(v) if v is not None and np.isfinite(v) else None
+
+
+class StudyManager:
+    """The studies of this process, by id."""
+
+    def __init__(self, store_root: str | Path, max_running: int = 2) -> None:
+        self.store_root = Path(store_root)
+        self.max_running = max_running
+        self._studies: dict[str, Study] = {}
+        self._lock = threading.Lock()
+
+    def start(self, config: StudyConfig) -> Study:
+        with self._lock:
+            running = sum(s.running for s in self._studies.values())
+            if running >= self.max_running:
+                raise RuntimeError(f"{running} studies are running already (limit {self.max_running})")
+            study = Study(config, self.store_root)
+            self._studies[study.id] = study
+        return study.start()
+
+    def get(self, study_id: str) -> Study | None:
+        return self._studies.get(study_id)
+
+    def list(self) -> list[Study]:
+        return list(self._studies.values())
+
+    def stop_all(self, timeout: float = 60) -> None:
+        for s in self._studies.values():
+            s.stop()
+        for s in self._studies.values():
+            s.join(timeout)

@@ -1,0 +1,171 @@
+"""The Ray Train worker: pulls batches from the buffer actor and runs ``trainer.loop``.
+
+Rank 0 validates, publishes checkpoints to the model store and reports progress;
+every rank trains on its own batches (DDP averages the gradients).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from trainer.loop import LoopStats, Normaliser, evaluate, make_card, run_loop
+from trainer.models import build_model
+from trainer.problem import ProblemSpec
+from trainer.store import ModelStore
+
+
+def buffer_batches(
+    buffer: ray.actor.ActorHandle,
+    batch_size: int,
+    device: torch.device,
+    prefetch: int = 2,
+    stop: Any = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Batches from the buffer actor, keeping ``prefetch`` requests in flight while the step runs."""
+    pending = deque(buffer.get.remote(batch_size) for _ in range(prefetch))
+    while True:
+        out = ray.get(pending.popleft())
+        pending.append(buffer.get.remote(batch_size))
+        if out is None:
+            yield None
+            return
+        if out == ():  # nothing yet (watermark not reached): ask again
+            if stop is not None and stop():
+                yield None
+                return
+            continue
+        x, y = out
+        yield (
+            torch.from_numpy(x).to(device, non_blocking=True),  # (B, F)
+            torch.from_numpy(y).to(device, non_blocking=True),  # (B, C*prod(grid))
+        )
+
+
+def _agreed(batches: Iterator[Any], world_size: int, device: torch.device) -> Iterator[Any]:
+    """With several workers, stop all of them as soon as one sees the end (else DDP would hang)."""
+    for b in batches:
+        if world_size > 1:
+            flag = torch.tensor([0 if b is None else 1], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            if int(flag.item()) == 0:
+                yield None
+                return
+        yield b
+        if b is None:
+            return
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """``train_loop_per_worker`` of the study's ``TorchTrainer``."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if config.get("threads"):
+        torch.set_num_threads(int(config["threads"]))
+    spec = ProblemSpec.from_dict(config["problem"])
+    buffer = config["buffer"]
+    device = ray.train.torch.get_device()
+    arch = dict(config["arch"])
+    in_ch, out_ch = spec.in_features, len(spec.fields)
+    torch.manual_seed(int(config.get("seed", 0)))
+    net = build_model(config["model"], in_ch, out_ch, spec.grid, **arch)
+    model = ray.train.torch.prepare_model(net)
+
+    x_val_np, y_val_np = ray.get(config["validation"])
+    x_val = torch.from_numpy(np.array(x_val_np)).to(device)  # object-store arrays are read-only
+    y_val = torch.from_numpy(np.array(y_val_np)).to(device)
+
+    batches = _agreed(buffer_batches(buffer, config["batch_size"], device), world, device)
+    t_start = time.perf_counter()
+    first = next(batches, None)  # blocks until the buffer reaches its watermark
+    startup_wait = time.perf_counter() - t_start
+    if first is None:
+        return
+    # Output scaling from the first batch of the stream, fixed from then on and saved in the card.
+    norm = Normaliser.fit(first[1].cpu().numpy())
+
+    def stream() -> Iterator[Any]:
+        yield first
+        yield from batches
+
+    store = ModelStore(config["store"])
+    name = config["model_name"]
+    last_report = [0.0]
+
+    def progress(s: LoopStats) -> None:
+        now = time.perf_counter()
+        if rank == 0 and now - last_report[0] > 0.5:
+            last_report[0] = now
+            buffer.report_training.remote(_stats_dict(s, startup_wait, world))
+
+    def on_validate(s: LoopStats) -> None:
+        metrics = _stats_dict(s, startup_wait, world)
+        if rank == 0:
+            card = make_card(
+                problem=spec.to_dict(),
+                model_name=config["model"],
+                arch=arch,
+                in_channels=in_ch,
+                out_channels=out_ch,
+                grid=spec.grid,
+                norm=norm,
+                stats=s,
+                study_id=config["study_id"],
+            )
+            # Every worker has seen its own batches; the card counts them all.
+            card["samples_seen"] = s.samples_seen * world
+            version = store.publish(name, net, card)
+            store.prune(name, int(config.get("keep_versions", 5)))
+            metrics["version"] = version
+            ray.get(buffer.report_training.remote(metrics))
+        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+
+    run_loop(
+        model,
+        stream(),
+        norm,
+        steps=int(config["steps"]),
+        lr=float(config["lr"]),
+        warmup=int(config.get("warmup", 0)),
+        validate_every=int(config["validate_every"]),
+        validate=lambda: evaluate(model, x_val, y_val, norm),
+        on_progress=progress,
+        on_validate=on_validate,
+    )
+    if rank == 0:
+        ray.get(buffer.report_training.remote({"finished": True}))
+
+
+def _stats_dict(s: LoopStats, startup_wait: float, world: int) -> dict[str, Any]:
+    return {
+        "step": s.step,
+        "samples_seen": s.samples_seen * world,
+        "loss": s.loss,
+        "validation_error": s.validation_error,
+        "data_wait_s": s.data_wait_s,
+        "compute_s": s.compute_s,
+        "startup_wait_s": startup_wait,
+        "history": list(s.history),
+        "time": time.time(),
+    }
+
+
+def validation_set(spec: ProblemSpec, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out simulations solved once with fixed seeds: ``(x [N*(T+1), F], y [N*(T+1), C*prod(grid)])``."""
+    import solvers
+    from services.sampling import Sampler, simulation_seeds
+
+    solver = solvers.get(spec.solver, **spec.solver_config)
+    params = Sampler(spec.params, "uniform", seed).draw(n)
+    ids = -1 - np.arange(n, dtype=np.int64)  # negative ids never collide with the stream's
+    traj = solver.solve(params, simulation_seeds(seed, ids))
+    x, y, _, _ = spec.samples_from_trajectories(params, ids, traj)
+    return x, y

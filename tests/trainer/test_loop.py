@@ -1,0 +1,92 @@
+"""The loop's pure functions: loss, schedule, steps, end of stream."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from trainer.loop import Normaliser, evaluate, lr_at, rel_l2, run_loop
+from trainer.models import build_model
+
+
+def test_rel_l2_exact_values() -> None:
+    y = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    p = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    # sample 0: exact (0); sample 1: ||(-1, 0)|| / ||(1, 0)|| = 1
+    assert float(rel_l2(p, y)) == pytest.approx(0.5)
+
+
+def test_lr_schedule() -> None:
+    assert lr_at(0, 1.0, 100, warmup=10) == pytest.approx(0.1)
+    assert lr_at(9, 1.0, 100, warmup=10) == pytest.approx(1.0)
+    assert lr_at(10, 1.0, 100, warmup=10) == pytest.approx(1.0)
+    assert lr_at(100, 1.0, 100, warmup=10, min_ratio=0.05) == pytest.approx(0.05)
+    mid = lr_at(55, 1.0, 100, warmup=10, min_ratio=0.0)
+    assert mid == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_normaliser_roundtrip() -> None:
+    import numpy as np
+
+    y = np.array([100.0, 300.0, 500.0])
+    n = Normaliser.fit(y)
+    assert n.mean == pytest.approx(300.0)
+    assert Normaliser.from_dict(n.to_dict()) == n
+    assert float(n.decode(torch.tensor(0.0))) == pytest.approx(300.0)
+
+
+def _linear_problem(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 3, generator=g)
+    w = torch.tensor([[1.0], [2.0], [-1.0]])
+    y = (5.0 + x @ w).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
+    return x, y
+
+
+def test_run_loop_learns_and_counts() -> None:
+    torch.manual_seed(0)
+    x, y = _linear_problem(256)
+    model = build_model("mlp", 3, 1, (2, 2), hidden=32, layers=2)
+    norm = Normaliser(mean=5.0, std=1.0)
+
+    def batches():
+        while True:
+            i = torch.randint(0, 256, (32,))
+            yield x[i], y[i]
+
+    before = evaluate(model, x, y, norm)
+    seen = []
+    stats = run_loop(
+        model,
+        batches(),
+        norm,
+        steps=300,
+        lr=3e-3,
+        warmup=10,
+        validate_every=100,
+        validate=lambda: evaluate(model, x, y, norm),
+        on_validate=lambda s: seen.append(s.step),
+    )
+    assert stats.step == 300 and stats.samples_seen == 300 * 32
+    assert seen == [100, 200, 300]
+    assert stats.validation_error < 0.2 * before
+
+
+def test_run_loop_stops_at_end_of_stream() -> None:
+    x, y = _linear_problem(8)
+    model = build_model("mlp", 3, 1, (2, 2), hidden=8, layers=1)
+    stream = iter([(x, y), (x, y), None])
+    stats = run_loop(
+        model,
+        stream,
+        Normaliser(5.0, 1.0),
+        steps=100,
+        lr=1e-3,
+        warmup=0,
+        validate_every=50,
+        validate=lambda: 0.5,
+    )
+    assert stats.step == 2
+    assert stats.history == [(2, 0.5)]  # validated once more at the end of the stream

@@ -1,0 +1,200 @@
+"""The training loop's pieces as plain functions; Ray Train workers only call them.
+
+Training counts steps, not epochs: a stream has no length.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Normaliser:
+    """Affine output scaling ``y = mean + std * model(x)``, saved in the model card."""
+
+    mean: float = 0.0
+    std: float = 1.0
+
+    @classmethod
+    def fit(cls, y: np.ndarray) -> Normaliser:
+        std = float(np.std(y))
+        return cls(mean=float(np.mean(y)), std=std if std > 0 else 1.0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.std + self.mean
+
+    def to_dict(self) -> dict[str, float]:
+        return {"y_mean": self.mean, "y_std": self.std}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, float]) -> Normaliser:
+        return cls(mean=float(d["y_mean"]), std=float(d["y_std"]))
+
+
+def rel_l2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of ``||pred - target|| / ||target||`` (the FNO paper's LpLoss, p=2)."""
+    b = pred.shape[0]
+    diff = (pred - target).reshape(b, -1).norm(dim=1)  # (B,)
+    ref = target.reshape(b, -1).norm(dim=1).clamp_min(1e-12)  # (B,)
+    return (diff / ref).mean()
+
+
+def lr_at(step: int, base_lr: float, total_steps: int, warmup: int = 0, min_ratio: float = 0.05) -> float:
+    """Linear warm-up then cosine decay to ``min_ratio * base_lr``."""
+    if warmup > 0 and step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_step(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    norm: Normaliser,
+    lr: float,
+) -> float:
+    """One optimiser step on a batch; returns the loss (relative L2 in physical units)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    model.train()
+    pred = norm.decode(model(x))  # (B, C, *grid)
+    loss = rel_l2(pred, y.view_as(pred))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())  # a CPU-GPU sync point, once per step
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, norm: Normaliser, batch_size: int = 256
+) -> float:
+    """Relative L2 error over a held-out set (mean over samples)."""
+    model.eval()
+    total, n = 0.0, x.shape[0]
+    for i in range(0, n, batch_size):
+        pred = norm.decode(model(x[i : i + batch_size]))
+        total += float(rel_l2(pred, y[i : i + batch_size].view_as(pred))) * pred.shape[0]
+    return total / max(1, n)
+
+
+@dataclass
+class LoopStats:
+    step: int = 0
+    samples_seen: int = 0
+    data_wait_s: float = 0.0
+    compute_s: float = 0.0
+    loss: float = float("nan")
+    validation_error: float = float("nan")
+    history: list[tuple[int, float]] = field(default_factory=list)
+
+
+def run_loop(
+    model: torch.nn.Module,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor] | None],
+    norm: Normaliser,
+    *,
+    steps: int,
+    lr: float,
+    warmup: int,
+    validate_every: int,
+    validate: Callable[[], float],
+    on_progress: Callable[[LoopStats], None] | None = None,
+    on_validate: Callable[[LoopStats], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> LoopStats:
+    """Run ``steps`` optimiser steps over ``batches``; validate (and let the caller checkpoint) every K steps.
+
+    The batch iterator may yield ``None`` at the end of the stream; the loop then validates once more and stops.
+    """
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    stats = LoopStats()
+    it = iter(batches)
+    while stats.step < steps:
+        if should_stop is not None and should_stop():
+            break
+        t0 = time.perf_counter()
+        batch = next(it, None)
+        t1 = time.perf_counter()
+        stats.data_wait_s += t1 - t0
+        if batch is None:
+            break
+        x, y = batch
+        stats.loss = train_step(model, opt, x, y, norm, lr_at(stats.step, lr, steps, warmup))
+        stats.compute_s += time.perf_counter() - t1
+        stats.step += 1
+        stats.samples_seen += x.shape[0]
+        if on_progress is not None:
+            on_progress(stats)
+        if stats.step % validate_every == 0 or stats.step == steps:
+            stats.validation_error = validate()
+            stats.history.append((stats.step, stats.validation_error))
+            if on_validate is not None:
+                on_validate(stats)
+    if not stats.history or stats.history[-1][0] != stats.step:
+        stats.validation_error = validate()
+        stats.history.append((stats.step, stats.validation_error))
+        if on_validate is not None:
+            on_validate(stats)
+    return stats
+
+
+def make_card(
+    *,
+    problem: dict[str, Any],
+    model_name: str,
+    arch: dict[str, Any],
+    in_channels: int,
+    out_channels: int,
+    grid: tuple[int, ...],
+    norm: Normaliser,
+    stats: LoopStats,
+    study_id: str,
+) -> dict[str, Any]:
+    """The model card (see DESIGN: model store)."""
+    return {
+        "problem": problem,
+        "model": {
+            "name": model_name,
+            "arch": dict(arch),
+            "in_channels": in_channels,
+            "out_channels": out_channels,
+            "grid": list(grid),
+        },
+        "input_shape": [in_channels],
+        "output_shape": [out_channels, *grid],
+        "normalisation": norm.to_dict(),
+        "samples_seen": stats.samples_seen,
+        "train_steps": stats.step,
+        "train_loss": stats.loss,
+        "validation_error": stats.validation_error,
+        "study_id": study_id,
+        "format": "safetensors",
+    }
+
+
+def pick_device(use_gpu: bool) -> torch.device:
+    """CUDA when asked for and present, else CPU."""
+    return torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+
+
+__all__ = [
+    "LoopStats",
+    "Normaliser",
+    "evaluate",
+    "lr_at",
+    "make_card",
+    "pick_device",
+    "rel_l2",
+    "run_loop",
+    "train_step",
+]

@@ -1,0 +1,92 @@
+"""Surrogate models, one registry, one constructor shape ``(in_channels, out_channels, grid, **arch)``.
+
+For the parametric problem every model maps inputs ``[B, in_channels]`` (parameters
+and time, see ``trainer.problem``) to fields ``[B, out_channels, *grid]``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU}
+
+
+class MLP(nn.Module):
+    """Melissa's surrogate: a fully connected network ``(params, t) -> u(t)`` on the whole grid."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        grid: tuple[int, ...],
+        hidden: int = 256,
+        layers: int = 3,
+        activation: str = "gelu",
+    ) -> None:
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"mlp.activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+        if layers < 1 or hidden < 1:
+            raise ValueError("mlp.layers and mlp.hidden must be >= 1")
+        self.out_shape = (out_channels, *grid)
+        dims = [in_channels] + [hidden] * layers
+        blocks: list[nn.Module] = []
+        for a, b in itertools.pairwise(dims):
+            blocks += [nn.Linear(a, b), _ACTIVATIONS[activation]()]
+        blocks.append(nn.Linear(dims[-1], math.prod(self.out_shape)))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, F)
+        return self.net(x).view(x.shape[0], *self.out_shape)  # (B, C, *grid)
+
+
+class FNO(nn.Module):
+    """neuraloperator's FNO; the parameters and time enter as constant input channels."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        grid: tuple[int, ...],
+        modes: int = 12,
+        width: int = 32,
+        layers: int = 4,
+    ) -> None:
+        super().__init__()
+        from neuralop.models import FNO as _FNO  # heavy import, only when an FNO is built
+
+        self.grid = tuple(grid)
+        n_modes = tuple(min(modes, g // 2) for g in self.grid)
+        self.net = _FNO(
+            n_modes=n_modes, in_channels=in_channels, out_channels=out_channels, hidden_channels=width, n_layers=layers
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, F) -> constant channels (B, F, *grid); the FNO adds its own grid coordinates.
+        shape = (*x.shape, *([1] * len(self.grid)))
+        xc = x.view(shape).expand(*x.shape, *self.grid)
+        return self.net(xc)  # (B, C, *grid)
+
+
+MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "fno": FNO}
+
+
+def available() -> list[str]:
+    return sorted(MODELS)
+
+
+def build_model(name: str, in_channels: int, out_channels: int, grid: tuple[int, ...], **arch: Any) -> nn.Module:
+    """Build a registered model; unknown names or architecture keys raise ``ValueError``."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}")
+    try:
+        return MODELS[name](in_channels, out_channels, tuple(grid), **arch)
+    except TypeError as e:
+        raise ValueError(f"bad architecture for model {name!r}: {e}") from None

@@ -1,0 +1,132 @@
+"""The model store: ``<root>/<name>/<version>/{weights.safetensors, card.json}``.
+
+A version directory is written under a temporary name and renamed into place,
+so a reader never sees a half-written checkpoint. Weights are safetensors,
+never pickle; the card carries everything needed to rebuild the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from trainer.models import build_model
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_VERSION = re.compile(r"^\d{6}$")
+
+
+class StoreError(RuntimeError):
+    """A checkpoint is missing, foreign or corrupt."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    name: str
+    version: int
+    card: dict[str, Any]
+    model: torch.nn.Module
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise ValueError(f"model name {name!r} must match {_NAME.pattern}")
+    return name
+
+
+class ModelStore:
+    """A directory of named, versioned model checkpoints."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name) and self.versions(p.name)
+        )
+
+    def versions(self, name: str) -> list[int]:
+        d = self.root / name
+        if not d.is_dir():
+            return []
+        return sorted(int(p.name) for p in d.iterdir() if _VERSION.match(p.name) and (p / "card.json").is_file())
+
+    def latest(self, name: str) -> int | None:
+        v = self.versions(name)
+        return v[-1] if v else None
+
+    def publish(self, name: str, model: torch.nn.Module, card: dict[str, Any]) -> int:
+        """Write a new version of ``name``; returns its number."""
+        check_name(name)
+        d = self.root / name
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)
+        }
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=d))
+        try:
+            save_file(tensors, str(tmp / "weights.safetensors"))
+            # Two writers may race for a number: mkdir-free rename fails on an existing target, then retry.
+            for _ in range(100):
+                version = (self.latest(name) or 0) + 1
+                full = {**card, "name": name, "version": version, "created_at": time.time()}
+                (tmp / "card.json").write_text(json.dumps(full, indent=2, sort_keys=True))
+                try:
+                    os.rename(tmp, d / f"{version:06d}")
+                    return version
+                except OSError:
+                    continue
+            raise StoreError(f"could not publish a new version of {name!r}")
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def card(self, name: str, version: int | None = None) -> dict[str, Any]:
+        version = self.latest(name) if version is None else version
+        if version is None:
+            raise StoreError(f"no model named {name!r}")
+        path = self.root / name / f"{version:06d}" / "card.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise StoreError(f"cannot read the card of {name!r} version {version}: {e}") from None
+
+    def load(self, name: str, version: int | None = None) -> LoadedModel:
+        """Rebuild a model from its card and load its weights (no pickle anywhere)."""
+        version = self.latest(name) if version is None else version
+        if version is None:
+            raise StoreError(f"no model named {name!r}")
+        card = self.card(name, version)
+        try:
+            m = card["model"]
+            model = build_model(m["name"], m["in_channels"], m["out_channels"], tuple(m["grid"]), **m["arch"])
+            state = load_file(str(self.root / name / f"{version:06d}" / "weights.safetensors"))
+        except Exception as e:  # safetensors, torch and a bad card each raise their own types
+            raise StoreError(f"cannot rebuild {name!r} version {version}: {e}") from None
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise StoreError(f"weights of {name!r} version {version} do not fit its card: {e}") from None
+        # neuraloperator keeps a non-tensor `_metadata` entry in its state dict; it is not a weight.
+        missing = [k for k in missing if not k.endswith("_metadata")]
+        if missing or unexpected:
+            raise StoreError(f"weights of {name!r} version {version} do not fit its card: {missing or unexpected}")
+        model.eval()
+        return LoadedModel(name=name, version=version, card=card, model=model)
+
+    def prune(self, name: str, keep: int) -> None:
+        """Delete all but the newest ``keep`` versions (readers holding a loaded model are unaffected)."""
+        for v in self.versions(name)[:-keep]:
+            shutil.rmtree(self.root / name / f"{v:06d}", ignore_errors=True)
