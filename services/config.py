@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 import solvers
 from trainer.models import available as model_names
+from trainer.models import check_arch
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "heat2d-mlp.yaml"
@@ -94,6 +95,11 @@ class TrainingConfig(_Strict):
         if v not in model_names():
             raise ValueError(f"unknown model {v!r}; available: {', '.join(model_names())}")
         return v
+
+    @model_validator(mode="after")
+    def _arch(self) -> TrainingConfig:
+        check_arch(self.model, self.arch)
+        return self
 
 
 class StudyConfig(_Strict):

@@ -57,6 +57,7 @@ class Study:
         self.buffer: ray.actor.ActorHandle | None = None
         self.actors: list[ray.actor.ActorHandle] = []
         self.done_ids: list[int] = []
+        self.use_gpu = False
 
     # Lifecycle -------------------------------------------------------------------
     def start(self) -> Study:
@@ -159,10 +160,15 @@ class Study:
             "seed": self.config.sampler.seed,
         }
         storage = Path(tempfile.gettempdir()) / "surge-ray-train"
+        # GPU when asked for and the cluster has one; otherwise train on CPUs rather than wait forever.
+        gpus = ray.cluster_resources().get("GPU", 0)
+        self.use_gpu = bool(t.use_gpu and gpus >= 1)
+        if t.use_gpu and not self.use_gpu:
+            log.warning("study %s: training.use_gpu is set but the Ray cluster has no GPU; training on CPU", self.id)
         return TorchTrainer(
             train_worker,
             train_loop_config=loop_config,
-            scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu),
+            scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=self.use_gpu),
             run_config=RunConfig(name=self.id, storage_path=str(storage)),
         )
 
@@ -303,6 +309,7 @@ class Study:
             "model_name": self.config.served_name,
             "state": self.state,
             "error": self.error,
+            "device": "gpu" if self.use_gpu else "cpu",
             "elapsed_s": elapsed,
             "simulations": {**sims, "budget": self.config.simulations},
             "samples": {

@@ -6,6 +6,7 @@ and time, see ``trainer.problem``) to fields ``[B, out_channels, *grid]``.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 from collections.abc import Callable
@@ -80,6 +81,17 @@ MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "fno": FNO}
 
 def available() -> list[str]:
     return sorted(MODELS)
+
+
+def check_arch(name: str, arch: dict[str, Any]) -> None:
+    """Reject unknown model names and architecture keys before anything is built."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}")
+    params = inspect.signature(MODELS[name].__init__).parameters
+    allowed = [k for k in params if k not in ("self", "in_channels", "out_channels", "grid")]
+    unknown = sorted(set(arch) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown {name} setting(s) {unknown}; allowed: {allowed}")
 
 
 def build_model(name: str, in_channels: int, out_channels: int, grid: tuple[int, ...], **arch: Any) -> nn.Module:

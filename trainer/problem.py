@@ -2,7 +2,7 @@
 
 A *parametric* problem learns ``(params, t) -> u(t)`` (Melissa's surrogate): every
 recorded time step of every simulation is one sample. Inputs are the parameters
-mapped to the unit cube plus ``t / t_final``; outputs are the solver's fields,
+mapped to the unit cube plus ``t / t_final`` and its square root; outputs are the solver's fields,
 flattened in the buffer and reshaped to ``[C, *grid]`` by the models.
 """
 
@@ -52,8 +52,8 @@ class ProblemSpec:
 
     @property
     def in_features(self) -> int:
-        """Model input width: the parameters plus time."""
-        return self.params.dim + 1
+        """Model input width: the parameters plus two time features."""
+        return self.params.dim + 2
 
     @property
     def out_shape(self) -> tuple[int, ...]:
@@ -66,15 +66,20 @@ class ProblemSpec:
 
     # Encoding ---------------------------------------------------------------
     def encode_inputs(self, params: np.ndarray, t: np.ndarray) -> np.ndarray:
-        """``params [N, P]`` physical, ``t [N]`` physical time -> model inputs ``[N, P+1]`` float32."""
+        """``params [N, P]`` physical, ``t [N]`` physical time -> model inputs ``[N, P+2]`` float32.
+
+        Time enters as ``t/T`` and ``sqrt(t/T)``: transients are fastest right after t = 0 (a
+        diffusive layer grows like sqrt(t)), and the square root spreads them over the input range.
+        """
         p = self.params.normalise(params)  # (N, P) in [0, 1]
         tt = np.asarray(t, dtype=np.float64).reshape(-1, 1) / self.t_final  # (N, 1) in [0, 1]
-        return np.ascontiguousarray(np.concatenate([p, tt], axis=1), dtype=np.float32)
+        feats = np.concatenate([p, tt, np.sqrt(np.clip(tt, 0.0, None))], axis=1)  # (N, P+2)
+        return np.ascontiguousarray(feats, dtype=np.float32)
 
     def samples_from_step(
         self, params: np.ndarray, sim_ids: np.ndarray, t_index: int, fields: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """One recorded step of B simulations -> ``(x [B, P+1], y [B, C*prod(grid)], sim_id [B], t_index [B])``."""
+        """One recorded step of B simulations -> ``(x [B, P+2], y [B, C*prod(grid)], sim_id [B], t_index [B])``."""
         b = fields.shape[0]
         t = np.full(b, self.times[t_index])
         x = self.encode_inputs(params, t)

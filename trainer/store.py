@@ -58,6 +58,8 @@ class ModelStore:
         )
 
     def versions(self, name: str) -> list[int]:
+        if not _NAME.match(name):  # never let a name reach outside the store ("..", "a/b")
+            return []
         d = self.root / name
         if not d.is_dir():
             return []
@@ -94,6 +96,8 @@ class ModelStore:
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def card(self, name: str, version: int | None = None) -> dict[str, Any]:
+        if not _NAME.match(name):
+            raise StoreError(f"no model named {name!r}")
         version = self.latest(name) if version is None else version
         if version is None:
             raise StoreError(f"no model named {name!r}")
@@ -105,6 +109,8 @@ class ModelStore:
 
     def load(self, name: str, version: int | None = None) -> LoadedModel:
         """Rebuild a model from its card and load its weights (no pickle anywhere)."""
+        if not _NAME.match(name):
+            raise StoreError(f"no model named {name!r}")
         version = self.latest(name) if version is None else version
         if version is None:
             raise StoreError(f"no model named {name!r}")

@@ -44,12 +44,12 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it grows past ``limit`` (chunked bodies too)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, BODY_TOO_LARGE.format(limit=limit))
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, BODY_TOO_LARGE.format(limit=limit))
     parts, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, BODY_TOO_LARGE.format(limit=limit))
+            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, BODY_TOO_LARGE.format(limit=limit))
         parts.append(chunk)
     return b"".join(parts)
 

@@ -10,10 +10,39 @@ import logging
 import threading
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from services import metrics as M
+from trainer.loop import Normaliser
+from trainer.problem import ProblemSpec
 from trainer.store import LoadedModel, ModelStore, StoreError
 
 log = logging.getLogger("surge.gateway")
+
+
+def run_model(m: LoadedModel, rows: np.ndarray) -> np.ndarray:
+    """Rows ``[N, P+1]`` (physical parameters in card order, then t) -> fields ``[N, C, *grid]`` float32."""
+    spec = ProblemSpec.from_dict(m.card["problem"])
+    norm = Normaliser.from_dict(m.card["normalisation"])
+    x = torch.from_numpy(spec.encode_inputs(rows[:, :-1], rows[:, -1]))  # (N, P+2)
+    with torch.inference_mode():
+        y = norm.decode(m.model(x))  # (N, C, *grid)
+    return y.numpy().astype(np.float32, copy=False)
+
+
+def check_servable(m: LoadedModel) -> None:
+    """Predict once at the centre of the parameter box; a checkpoint that cannot is not served."""
+    try:
+        spec = ProblemSpec.from_dict(m.card["problem"])
+        mid = (np.asarray(spec.params.low) + np.asarray(spec.params.high)) / 2
+        y = run_model(m, np.concatenate([mid, [spec.t_final]])[None])
+    except Exception as e:  # any failure here would otherwise become a 500 on every request
+        raise StoreError(f"{m.name} version {m.version} cannot predict: {type(e).__name__}: {e}") from None
+    if y.shape != (1, *spec.out_shape) or list(y.shape[1:]) != list(m.card.get("output_shape", [])):
+        raise StoreError(f"{m.name} version {m.version} predicts shape {list(y.shape[1:])}, card says otherwise")
+    if not np.all(np.isfinite(y)):
+        raise StoreError(f"{m.name} version {m.version} predicts non-finite values")
 
 
 class ModelHub:
@@ -21,6 +50,7 @@ class ModelHub:
         self.store = ModelStore(store_root)
         self.poll_interval_s = poll_interval_s
         self._models: dict[str, LoadedModel] = {}
+        self._rejected: dict[str, int] = {}  # newest version found unservable, per name (not retried)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -43,10 +73,14 @@ class ModelHub:
             current = self._models.get(n)
             if latest is None or (current is not None and current.version >= latest):
                 continue
+            if self._rejected.get(n) == latest:
+                continue
             try:
                 loaded = self.store.load(n, latest)
+                check_servable(loaded)
             except StoreError as e:
                 # A broken checkpoint must not take down what is being served.
+                self._rejected[n] = latest
                 log.warning("not serving %s: %s", n, e)
                 continue
             with self._lock:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -47,11 +47,14 @@ class ModelList(BaseModel):
     models: list[ModelSummary]
 
 
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    params: dict[str, float] = Field(description="one value per parameter of the model, by name")
-    times: list[float] = Field(min_length=1, description="physical times at which to predict the fields")
+    params: dict[str, FiniteFloat] = Field(description="one value per parameter of the model, by name")
+    times: list[FiniteFloat] = Field(min_length=1, description="physical times at which to predict the fields")
 
 
 class PredictResponse(BaseModel):
@@ -67,6 +70,7 @@ class StudyPublic(BaseModel):
     model_name: str
     state: str
     error: str | None
+    device: str
     elapsed_s: float
     simulations: dict[str, int]
     samples: dict[str, float]

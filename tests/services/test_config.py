@@ -34,6 +34,7 @@ def test_shipped_config_loads(path: Path) -> None:
         ({"problem": {"config": {"n": 2}}}, "heat2d.n must be an integer >= 4"),
         ({"problem": {"config": {"dx": 2}}}, "unknown heat2d setting(s) ['dx']"),
         ({"trainig": {}}, "trainig: Extra inputs are not permitted"),
+        ({"training": {"arch": {"depth": 3}}}, "training: unknown mlp setting(s) ['depth']"),
         ({"simulations": -1}, "simulations: Input should be greater than or equal to 1"),
     ],
 )

@@ -8,13 +8,13 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 from fastapi import APIRouter, HTTPException, Request, Response, status
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from services import metrics as M
 from services.gateway.deps import HubDep, SettingsDep, read_body
+from services.gateway.hub import run_model
 from services.gateway.schemas import (
     ErrorPublic,
     ModelCardPublic,
@@ -24,7 +24,6 @@ from services.gateway.schemas import (
     PredictRequest,
     PredictResponse,
 )
-from trainer.loop import Normaliser
 from trainer.problem import ProblemSpec
 from trainer.store import LoadedModel
 
@@ -104,7 +103,7 @@ def _rows_from_json(body: bytes, spec: ProblemSpec, max_rows: int) -> np.ndarray
     """JSON ``{"params": {...}, "times": [...]}`` -> rows ``[N, P+1]`` (params in card order, then t)."""
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
         raise _bad(f"body is not valid JSON: {e}") from None
     try:
         req = PredictRequest.model_validate(data)
@@ -159,15 +158,6 @@ def _check_rows(rows: np.ndarray, spec: ProblemSpec) -> None:
         raise _bad(f"{names[j]} = {rows[i, j]:g} is outside [{lo[j]:g}, {hi[j]:g}]")
 
 
-def _predict(m: LoadedModel, rows: np.ndarray) -> np.ndarray:
-    spec = ProblemSpec.from_dict(m.card["problem"])
-    norm = Normaliser.from_dict(m.card["normalisation"])
-    x = torch.from_numpy(spec.encode_inputs(rows[:, :-1], rows[:, -1]))  # (N, P+1)
-    with torch.inference_mode():
-        y = norm.decode(m.model(x))  # (N, C, *grid)
-    return y.numpy().astype(np.float32, copy=False)
-
-
 @router.post(
     "/{name}/predict",
     response_model=PredictResponse,
@@ -200,7 +190,7 @@ async def predict(name: str, request: Request, hub: HubDep, settings: SettingsDe
         else:
             raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, UNSUPPORTED_TYPE.format(ctype=ctype))
         _check_rows(rows, spec)
-        y = await run_in_threadpool(_predict, m, rows)
+        y = await run_in_threadpool(run_model, m, rows)
         headers = {"X-Model-Version": str(m.version), "X-Model-Name": name}
         code = 200
         if NPY in request.headers.get("accept", ""):

@@ -28,7 +28,7 @@ async def create_study(request: Request, _: TokenDep, manager: ManagerDep, setti
         elif ctype == "application/json":
             try:
                 data = json.loads(body or b"{}")
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"body is not valid JSON: {e}") from None
             cfg = parse_config(data, "request body")
         else:

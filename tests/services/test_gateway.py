@@ -1,0 +1,580 @@
+"""The REST gateway on a real model store, without Ray: cards, predictions, bad input, hot swap, auth, metrics."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+import solvers
+from services.gateway.app import create_app
+from services.gateway.deps import BODY_TOO_LARGE, MUTATIONS_DISABLED, STUDIES_UNAVAILABLE, TOKEN_MISSING
+from services.gateway.routes.models import MODEL_NOT_FOUND, NPY, UNSUPPORTED_TYPE
+from services.gateway.settings import GatewaySettings
+from trainer.loop import LoopStats, Normaliser, make_card
+from trainer.models import build_model
+from trainer.problem import ProblemSpec
+from trainer.store import ModelStore
+
+NAME = "heat2d"
+TOKEN = "secret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+MAX_BODY = 64 * 1024
+MAX_ROWS = 64
+SOLVER_CFG = {"n": 8, "steps": 10, "dt": 0.01}
+SPEC = ProblemSpec.from_solver(solvers.get("heat2d", **SOLVER_CFG), SOLVER_CFG)
+ARCH = {"hidden": 16, "layers": 1}
+CARD = make_card(
+    problem=SPEC.to_dict(),
+    model_name="mlp",
+    arch=ARCH,
+    in_channels=SPEC.in_features,
+    out_channels=1,
+    grid=SPEC.grid,
+    norm=Normaliser(300.0, 100.0),
+    stats=LoopStats(step=5, samples_seen=100, validation_error=0.1),
+    study_id="s1",
+)
+PARAM_NAMES = ["u0", "t_left", "t_right", "t_bottom", "t_top"]
+PARAMS = {"u0": 300.0, "t_left": 200.0, "t_right": 400.0, "t_bottom": 100.0, "t_top": 500.0}
+TIMES = [0.0, 0.05]
+
+
+# Helpers ----------------------------------------------------------------------------------------------
+
+
+def publish(root: Path, seed: int) -> int:
+    """Publish a fresh MLP (weights fixed by ``seed``) as the next version of ``heat2d``."""
+    torch.manual_seed(seed)
+    return ModelStore(root).publish(NAME, build_model("mlp", SPEC.in_features, 1, SPEC.grid, **ARCH), CARD)
+
+
+def rows_of(params: dict[str, float], times: list[float]) -> np.ndarray:
+    """The ``[N, 6]`` rows (params in card order, then t) a JSON request stands for."""
+    p = [params[n] for n in PARAM_NAMES]
+    return np.array([[*p, t] for t in times], dtype=np.float64)
+
+
+def direct(root: Path, version: int, rows: np.ndarray) -> np.ndarray:
+    """What the model ``version`` predicts for ``rows``, computed without the gateway."""
+    m = ModelStore(root).load(NAME, version)
+    spec = ProblemSpec.from_dict(m.card["problem"])
+    norm = Normaliser.from_dict(m.card["normalisation"])
+    x = torch.from_numpy(spec.encode_inputs(rows[:, :-1], rows[:, -1]))
+    with torch.no_grad():
+        return norm.decode(m.model(x)).numpy()
+
+
+def npy(arr: np.ndarray, allow_pickle: bool = False) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=allow_pickle)
+    return buf.getvalue()
+
+
+def make_client(root: Path, **overrides: Any) -> TestClient:
+    settings = {
+        "store": root,
+        "api_token": TOKEN,
+        "max_body_bytes": MAX_BODY,
+        "max_predict_rows": MAX_ROWS,
+        "poll_interval_s": 0.1,
+        **overrides,
+    }
+    # raise_server_exceptions=False: a crash must show up as the 500 a user would get, not as a test error.
+    return TestClient(create_app(GatewaySettings(**settings), manager=None), raise_server_exceptions=False)
+
+
+def predict(client: TestClient, body: Any = None, *, raw: bytes | None = None, **kw: Any):
+    url = f"/v1/models/{NAME}/predict"
+    if raw is not None:
+        return client.post(url, content=raw, **kw)
+    return client.post(url, json=body if body is not None else {"params": PARAMS, "times": TIMES}, **kw)
+
+
+def assert_error(r, status: int, *needles: str) -> str:
+    """A clean error: the status, a JSON body ``{"detail": str}``, and the detail says what is wrong."""
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"detail"} and isinstance(body["detail"], str), body
+    for needle in needles:
+        assert needle in body["detail"], (needle, body["detail"])
+    return body["detail"]
+
+
+def metric_samples(client: TestClient) -> dict[tuple[str, frozenset], float]:
+    r = client.get("/metrics")
+    assert r.status_code == 200
+    out = {}
+    for fam in text_string_to_metric_families(r.text):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def wait_for_version(client: TestClient, version: int, timeout: float = 3.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        r = predict(client)
+        assert r.status_code == 200, r.text
+        if r.headers["X-Model-Version"] == str(version) or time.monotonic() > deadline:
+            return r
+        time.sleep(0.02)
+
+
+# Fixtures ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store holding version 1 of ``heat2d``; read-only for the tests that share it."""
+    root = tmp_path_factory.mktemp("gateway") / "store"
+    assert publish(root, seed=1) == 1
+    return root
+
+
+@pytest.fixture(scope="module")
+def client(store_root: Path) -> Iterator[TestClient]:
+    with make_client(store_root) as c:
+        yield c
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[tuple[TestClient, Path]]:
+    """A gateway of its own over a store that the test may publish into."""
+    root = tmp_path / "store"
+    publish(root, seed=1)
+    with make_client(root) as c:
+        yield c, root
+
+
+# System -----------------------------------------------------------------------------------------------
+
+
+def test_healthz_lists_the_models(client: TestClient) -> None:
+    r = client.get("/healthz")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok", "models": [NAME], "studies_enabled": False}
+
+
+def test_metrics_count_predictions_by_model_and_code(client: TestClient) -> None:
+    key_ok = ("surge_predict_requests_total", frozenset({("model", NAME), ("code", "200")}))
+    key_bad = ("surge_predict_requests_total", frozenset({("model", NAME), ("code", "422")}))
+    key_n = ("surge_predict_latency_seconds_count", frozenset({("model", NAME)}))
+    before = metric_samples(client)
+    assert predict(client).status_code == 200
+    assert predict(client, {"params": PARAMS, "times": []}).status_code == 422
+    assert client.post("/v1/models/nope/predict", json={"params": PARAMS, "times": TIMES}).status_code == 404
+
+    r = client.get("/metrics")
+    assert r.headers["content-type"].startswith("text/plain")
+    assert "surge_predict_requests_total" in r.text
+    after = metric_samples(client)
+    assert after[key_ok] - before.get(key_ok, 0.0) == 1
+    assert after[key_bad] - before.get(key_bad, 0.0) == 1
+    assert after[key_n] - before.get(key_n, 0.0) == 2
+    assert after[("surge_model_version", frozenset({("model", NAME)}))] == 1
+    # Unknown names never become label values (a client cannot blow up the metric's cardinality).
+    assert not any(dict(labels).get("model") == "nope" for _, labels in after)
+
+
+# Models and cards -------------------------------------------------------------------------------------
+
+
+def test_list_models(client: TestClient) -> None:
+    r = client.get("/v1/models")
+    assert r.status_code == 200
+    (m,) = r.json()["models"]
+    assert m == {
+        "name": NAME,
+        "version": 1,
+        "problem": "heat2d",
+        "architecture": "mlp",
+        "validation_error": 0.1,
+        "samples_seen": 100,
+    }
+
+
+def test_model_card_describes_inputs_and_outputs(client: TestClient) -> None:
+    r = client.get(f"/v1/models/{NAME}")
+    assert r.status_code == 200
+    card = r.json()
+    assert card["name"] == NAME and card["version"] == 1
+    assert card["parameters"] == [{"name": n, "low": 100.0, "high": 500.0} for n in PARAM_NAMES]
+    assert card["time_range"] == [0.0, pytest.approx(0.1)]
+    assert card["input_shape"] == [SPEC.in_features]  # the encoded width, not the request's
+    assert card["output_shape"] == [1, 8, 8]
+    assert card["fields"] == ["u"]
+    assert card["samples_seen"] == 100 and card["train_steps"] == 5
+    assert card["validation_error"] == pytest.approx(0.1)
+    assert card["study_id"] == "s1" and card["created_at"] > 0
+    assert card["architecture"]["name"] == "mlp" and card["architecture"]["arch"] == ARCH
+    assert card["problem"]["solver"] == "heat2d"
+
+
+@pytest.mark.parametrize("name", ["nope", "heat", "HEAT2D", "bad%00name"])
+def test_unknown_model_is_404(client: TestClient, name: str) -> None:
+    r = client.get(f"/v1/models/{name}")
+    assert_error(r, 404)
+    r = client.post(f"/v1/models/{name}/predict", json={"params": PARAMS, "times": TIMES})
+    assert_error(r, 404)
+    if name == "nope":
+        assert r.json()["detail"] == MODEL_NOT_FOUND.format(name="nope") == "model 'nope' not found"
+
+
+def test_model_names_cannot_escape_the_store(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    publish(root, seed=1)
+    shutil.copytree(root / NAME / "000001", tmp_path / "000001")  # a checkpoint outside the store
+    with make_client(root) as c:
+        r = c.get("/v1/models/%2E%2E")
+        assert r.status_code in (404, 422), r.text
+        assert c.get("/healthz").json()["models"] == [NAME]
+
+
+# Predictions ------------------------------------------------------------------------------------------
+
+
+def test_predict_json_matches_the_stored_model(client: TestClient, store_root: Path) -> None:
+    r = predict(client)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.headers["X-Model-Version"] == "1"
+    body = r.json()
+    assert body["model"] == NAME and body["version"] == 1 and body["shape"] == [2, 1, 8, 8]
+    out = np.array(body["outputs"])
+    assert out.shape == (2, 1, 8, 8)
+    expected = direct(store_root, 1, rows_of(PARAMS, TIMES))
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(out[0], out[1])  # the time input matters
+
+
+@pytest.mark.parametrize("ctype", [None, "application/json", "application/json; charset=utf-8", "Application/JSON"])
+def test_predict_json_content_types(client: TestClient, ctype: str | None) -> None:
+    headers = {} if ctype is None else {"Content-Type": ctype}
+    r = predict(client, raw=json.dumps({"params": PARAMS, "times": TIMES}).encode(), headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["shape"] == [2, 1, 8, 8]
+
+
+def test_predict_npy_equals_json(client: TestClient) -> None:
+    times = [0.0, 0.01, 0.05, 0.1]
+    rows = rows_of(PARAMS, times)
+    r = predict(client, raw=npy(rows), headers={"Content-Type": NPY, "Accept": NPY})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == NPY and r.headers["X-Model-Version"] == "1"
+    got = np.load(io.BytesIO(r.content), allow_pickle=False)
+    assert got.dtype == np.float32 and got.shape == (4, 1, 8, 8)
+    as_json = predict(client, {"params": PARAMS, "times": times})
+    np.testing.assert_allclose(got, np.array(as_json.json()["outputs"], dtype=np.float32), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int64, np.uint16])
+def test_predict_npy_accepts_numeric_dtypes(client: TestClient, dtype: type) -> None:
+    rows = rows_of(PARAMS, [0.0]).astype(dtype)
+    r = predict(client, raw=npy(rows), headers={"Content-Type": NPY})
+    assert r.status_code == 200, r.text
+    assert r.json()["shape"] == [1, 1, 8, 8]
+
+
+def test_rows_at_the_limits_are_accepted(client: TestClient) -> None:
+    params = dict.fromkeys(PARAM_NAMES, 100.0) | {"t_top": 500.0}
+    r = predict(client, {"params": params, "times": [0.0] * (MAX_ROWS - 1) + [0.1]})
+    assert r.status_code == 200, r.text
+    assert r.json()["shape"] == [MAX_ROWS, 1, 8, 8]
+
+
+# Bad input: always a 4xx with a detail that says what is wrong, never a 500 -----------------------------
+
+
+def _raw(params: Any = PARAMS, times: Any = TIMES, **extra: Any) -> bytes:
+    return json.dumps({"params": params, "times": times, **extra}).encode()
+
+
+_P_NAN = b'{"u0": NaN, "t_left": 200, "t_right": 400, "t_bottom": 100, "t_top": 500}'
+_P_OK = json.dumps(PARAMS).encode()
+
+BAD_JSON = [
+    ("missing-param", _raw({k: v for k, v in PARAMS.items() if k != "t_top"}), "missing parameter(s): t_top"),
+    ("unknown-param", _raw(PARAMS | {"alpha": 1.0}), "unknown parameter(s): alpha"),
+    ("above-bounds", _raw(PARAMS | {"u0": 600.0}), "u0 = 600 is outside [100, 500]"),
+    ("below-bounds", _raw(PARAMS | {"t_top": 99.5}), "t_top = 99.5 is outside [100, 500]"),
+    ("late-time", _raw(times=[0.0, 0.2]), "t = 0.2 is outside [0, 0.1]"),
+    ("negative-time", _raw(times=[-0.01]), "outside [0, 0.1]"),
+    ("nan-param", b'{"params": ' + _P_NAN + b', "times": [0.0]}', "params.u0: Input should be a finite number"),
+    ("inf-time", b'{"params": ' + _P_OK + b', "times": [0.0, Infinity]}', "times.1: Input should be a finite number"),
+    ("neg-inf-time", b'{"params": ' + _P_OK + b', "times": [-Infinity]}', "finite"),
+    ("overflow", b'{"params": ' + _P_OK.replace(b"300.0", b"1e999") + b', "times": [0.0]}', "finite"),
+    ("empty-times", _raw(times=[]), "times"),
+    ("times-scalar", _raw(times=0.05), "times"),
+    ("times-missing", json.dumps({"params": PARAMS}).encode(), "times"),
+    ("params-list", _raw(params=[300, 200, 400, 100, 500]), "params"),
+    ("param-not-number", _raw(PARAMS | {"u0": "hot"}), "params.u0"),
+    ("not-json", b"u0=300&t_left=200", "not valid JSON"),
+    ("empty-body", b"", "not valid JSON"),
+    ("not-utf8", b'{"params": "\xff\xfe"}', "not valid JSON"),
+    ("array", json.dumps([PARAMS, TIMES]).encode(), "body"),
+    ("number", b"42", "body"),
+    ("extra-key", _raw(model="heat2d"), "model"),
+    ("too-many-rows", _raw(times=[0.0] * (MAX_ROWS + 1)), f"at most {MAX_ROWS}"),
+]
+
+
+@pytest.mark.parametrize(("raw", "needle"), [c[1:] for c in BAD_JSON], ids=[c[0] for c in BAD_JSON])
+def test_bad_json_is_422(client: TestClient, raw: bytes, needle: str) -> None:
+    assert_error(predict(client, raw=raw, headers={"Content-Type": "application/json"}), 422, needle)
+
+
+def test_deeply_nested_json_is_422(client: TestClient) -> None:
+    raw = b"[" * 20_000 + b"]" * 20_000  # 40 kB, under the body limit
+    assert_error(predict(client, raw=raw), 422)
+
+
+def _npy_truncated() -> bytes:
+    b = npy(rows_of(PARAMS, TIMES))
+    return b[: len(b) - 20]
+
+
+def _npy_lying_header() -> bytes:
+    """A valid header announcing 10**13 rows, followed by the data of two."""
+    buf = io.BytesIO()
+    header = {"descr": "<f8", "fortran_order": False, "shape": (10**13, 6)}
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue() + np.zeros((2, 6)).tobytes()
+
+
+BAD_NPY = [
+    ("too-few-cols", npy(np.full((3, 5), 200.0)), "[N, 6]"),
+    ("too-many-cols", npy(np.full((3, 7), 200.0)), "[N, 6]"),
+    ("1d", npy(rows_of(PARAMS, [0.0])[0]), "[N, 6]"),
+    ("3d", npy(rows_of(PARAMS, [0.0])[:, :, None]), "[N, 6]"),
+    ("no-rows", npy(np.zeros((0, 6))), "[N, 6]"),
+    ("object", npy(np.array([{"u0": 1}], dtype=object), allow_pickle=True), "not a valid .npy"),
+    ("strings", npy(np.full((1, 6), "300")), "dtype"),
+    ("bool", npy(np.ones((1, 6), dtype=bool)), "dtype"),
+    ("complex", npy(rows_of(PARAMS, [0.0]).astype(complex)), "dtype"),
+    ("garbage", b"this is not an array", "not a valid .npy"),
+    ("empty", b"", "not a valid .npy"),
+    ("truncated", _npy_truncated(), "not a valid .npy"),
+    ("lying-header", _npy_lying_header(), "not a valid .npy"),
+    ("nan", npy(np.array([[300, 200, 400, 100, 500, np.nan]])), "t must be a finite number"),
+    ("out-of-bounds", npy(np.array([[300, 200, 400, 100, 501, 0.0]])), "t_top = 501 is outside [100, 500]"),
+    ("too-many-rows", npy(np.tile(rows_of(PARAMS, [0.0]), (MAX_ROWS + 1, 1))), f"at most {MAX_ROWS} rows"),
+]
+
+
+@pytest.mark.parametrize(("raw", "needle"), [c[1:] for c in BAD_NPY], ids=[c[0] for c in BAD_NPY])
+def test_bad_npy_is_422(client: TestClient, raw: bytes, needle: str) -> None:
+    r = predict(client, raw=raw, headers={"Content-Type": NPY, "Accept": NPY})
+    assert_error(r, 422, needle)
+
+
+def test_unsupported_content_type_is_415(client: TestClient) -> None:
+    r = predict(client, raw=b"u0,t_left\n300,200\n", headers={"Content-Type": "text/csv"})
+    assert assert_error(r, 415) == UNSUPPORTED_TYPE.format(ctype="text/csv")
+
+
+def test_body_over_the_limit_is_413_with_content_length(client: TestClient) -> None:
+    r = predict(client, raw=b" " * (MAX_BODY + 1))
+    assert r.request.headers["content-length"] == str(MAX_BODY + 1)
+    assert assert_error(r, 413) == BODY_TOO_LARGE.format(limit=MAX_BODY)
+    # Exactly at the limit is read (and then refused for what it is, not for its size).
+    assert_error(predict(client, raw=b" " * MAX_BODY), 422, "not valid JSON")
+
+
+def test_body_over_the_limit_is_413_when_chunked(client: TestClient) -> None:
+    def chunks() -> Iterator[bytes]:
+        for _ in range(20):
+            yield b" " * 4096
+
+    r = predict(client, raw=chunks())
+    assert "content-length" not in r.request.headers
+    assert r.request.headers["transfer-encoding"] == "chunked"
+    assert assert_error(r, 413) == BODY_TOO_LARGE.format(limit=MAX_BODY)
+
+
+# Hot swap and in-flight safety --------------------------------------------------------------------------
+
+
+def test_new_version_is_served_without_restart(live: tuple[TestClient, Path]) -> None:
+    c, root = live
+    v1 = predict(c)
+    assert v1.headers["X-Model-Version"] == "1"
+    assert publish(root, seed=2) == 2
+    r = wait_for_version(c, 2, timeout=2.0)
+    assert r.headers["X-Model-Version"] == "2" and r.json()["version"] == 2
+    out = np.array(r.json()["outputs"])
+    assert not np.allclose(out, np.array(v1.json()["outputs"]))
+    np.testing.assert_allclose(out, direct(root, 2, rows_of(PARAMS, TIMES)), rtol=1e-5, atol=1e-5)
+    assert c.get(f"/v1/models/{NAME}").json()["version"] == 2
+    assert c.get("/v1/models").json()["models"][0]["version"] == 2
+
+
+def _corrupt(root: Path, how: str) -> None:
+    """Write version 3 of ``heat2d`` as a broken checkpoint (renamed into place, as a publisher would)."""
+    src = root / NAME / "000002"
+    tmp = root / NAME / ".tmp-corrupt"
+    shutil.copytree(src, tmp)
+    if how == "garbage-weights":
+        (tmp / "weights.safetensors").write_bytes(b"\x00garbage" * 100)
+    elif how == "missing-weights":
+        (tmp / "weights.safetensors").unlink()
+    elif how == "weights-of-another-model":
+        torch.manual_seed(0)
+        other = ModelStore(root / "other")
+        other.publish("x", build_model("mlp", SPEC.in_features, 1, SPEC.grid, hidden=8, layers=2), CARD)
+        shutil.copy(root / "other" / "x" / "000001" / "weights.safetensors", tmp / "weights.safetensors")
+    elif how == "truncated-card":
+        (tmp / "card.json").write_text((tmp / "card.json").read_text()[:50])
+    elif how == "unknown-architecture":
+        card = json.loads((tmp / "card.json").read_text())
+        card["model"]["name"] = "transformer"
+        (tmp / "card.json").write_text(json.dumps(card))
+    tmp.rename(root / NAME / "000003")
+
+
+@pytest.mark.parametrize(
+    "how", ["garbage-weights", "missing-weights", "weights-of-another-model", "truncated-card", "unknown-architecture"]
+)
+def test_corrupt_version_does_not_break_serving(live: tuple[TestClient, Path], how: str) -> None:
+    c, root = live
+    publish(root, seed=2)
+    assert wait_for_version(c, 2).headers["X-Model-Version"] == "2"
+    expected = direct(root, 2, rows_of(PARAMS, TIMES))
+    _corrupt(root, how)
+    assert ModelStore(root).latest(NAME) == 3
+    deadline = time.monotonic() + 0.5  # several polls of the store
+    while time.monotonic() < deadline:
+        r = predict(c)
+        assert r.status_code == 200, r.text
+        assert r.headers["X-Model-Version"] == "2"
+        np.testing.assert_allclose(np.array(r.json()["outputs"]), expected, rtol=1e-5, atol=1e-5)
+        time.sleep(0.05)
+    assert c.get(f"/v1/models/{NAME}").json()["version"] == 2
+    assert c.get("/healthz").status_code == 200
+    # The next good version is picked up as usual.
+    assert publish(root, seed=4) == 4
+    assert wait_for_version(c, 4).headers["X-Model-Version"] == "4"
+
+
+def _unservable(root: Path, how: str) -> None:
+    """Write version 2 as a checkpoint that loads (weights fit the card) but cannot answer a prediction."""
+    tmp = root / NAME / ".tmp-bad"
+    if how == "card-without-normalisation":
+        shutil.copytree(root / NAME / "000001", tmp)
+        card = json.loads((tmp / "card.json").read_text())
+        del card["normalisation"]
+        (tmp / "card.json").write_text(json.dumps(card))
+        tmp.rename(root / NAME / "000002")
+    else:  # a model whose input width is not what the problem's encoding produces (e.g. an older encoding)
+        width = SPEC.in_features - 1
+        card = {**CARD, "model": {**CARD["model"], "in_channels": width}, "input_shape": [width]}
+        ModelStore(root).publish(NAME, build_model("mlp", width, 1, SPEC.grid, **ARCH), card)
+
+
+@pytest.mark.parametrize("how", ["card-without-normalisation", "input-width-mismatch"])
+def test_unservable_version_does_not_replace_a_working_one(live: tuple[TestClient, Path], how: str) -> None:
+    c, root = live
+    _unservable(root, how)
+    time.sleep(0.5)  # several polls of the store
+    r = predict(c)
+    assert r.status_code == 200, r.text
+    assert r.headers["X-Model-Version"] == "1"
+
+
+def test_swaps_never_mix_versions_within_a_request(live: tuple[TestClient, Path]) -> None:
+    c, root = live
+    n_threads = 20
+    stop = threading.Event()
+    start = threading.Barrier(n_threads + 1)
+    results: list[tuple[np.ndarray, int, int, Any]] = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        params = PARAMS | {"u0": 100.0 + 20.0 * i}  # each thread its own input: crossed answers would show
+        times = [0.0, 0.01 * (i % 10)]
+        rows = rows_of(params, times)
+        start.wait()
+        for _ in range(50):
+            r = predict(c, {"params": params, "times": times})
+            with lock:
+                results.append((rows, r.status_code, int(r.headers.get("X-Model-Version", -1)), r.json()))
+            if stop.is_set():
+                break
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n_threads)]
+    for t in threads:
+        t.start()
+    start.wait()
+    for seed in range(2, 8):
+        time.sleep(0.12)  # a bit over one poll interval: most versions get served for a while
+        publish(root, seed=seed)
+    time.sleep(0.3)
+    stop.set()
+    for t in threads:
+        t.join(30)
+
+    assert len(results) >= n_threads
+    assert all(code == 200 for _, code, _, _ in results), [b for _, code, _, b in results if code != 200][:3]
+    seen = sorted({v for _, _, v, _ in results})
+    assert len(seen) >= 2, seen  # the test did see swaps
+    loaded = {v: ModelStore(root).load(NAME, v) for v in seen}
+    for rows, _, version, body in results:
+        assert body["version"] == version
+        m = loaded[version]
+        x = torch.from_numpy(SPEC.encode_inputs(rows[:, :-1], rows[:, -1]))
+        with torch.no_grad():
+            expected = Normaliser.from_dict(m.card["normalisation"]).decode(m.model(x)).numpy()
+        np.testing.assert_allclose(np.array(body["outputs"]), expected, rtol=1e-5, atol=1e-5)
+
+
+# Studies without a Ray cluster ----------------------------------------------------------------------------
+
+STUDY = {"name": "t", "solver": {"name": "heat2d"}}
+
+
+def test_study_mutations_need_the_token_before_anything_else(client: TestClient) -> None:
+    for r in (
+        client.post("/v1/studies", json=STUDY),
+        client.post("/v1/studies", json=STUDY, headers={"Authorization": "Bearer wrong"}),
+        client.post("/v1/studies", json=STUDY, headers={"Authorization": f"Basic {TOKEN}"}),
+        client.post("/v1/studies", json=STUDY, headers={"Authorization": "Bearer"}),
+        client.delete("/v1/studies/xyz"),
+        client.delete("/v1/studies/xyz", headers={"Authorization": "Bearer wrong"}),
+    ):
+        # 401, not 503: an unauthenticated caller learns nothing about the backend.
+        assert assert_error(r, 401) == TOKEN_MISSING
+        assert r.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_studies_answer_503_without_a_cluster(client: TestClient) -> None:
+    for r in (
+        client.post("/v1/studies", json=STUDY, headers=AUTH),
+        client.post("/v1/studies", json=STUDY, headers={"Authorization": f"bearer {TOKEN}"}),
+        client.delete("/v1/studies/xyz", headers=AUTH),
+        client.get("/v1/studies"),
+        client.get("/v1/studies/xyz"),
+    ):
+        assert assert_error(r, 503) == STUDIES_UNAVAILABLE
+
+
+def test_study_mutations_are_disabled_without_a_configured_token(store_root: Path) -> None:
+    with make_client(store_root, api_token=None) as c:
+        for r in (
+            c.post("/v1/studies", json=STUDY),
+            c.post("/v1/studies", json=STUDY, headers=AUTH),
+            c.delete("/v1/studies/xyz", headers=AUTH),
+        ):
+            assert assert_error(r, 403) == MUTATIONS_DISABLED
+        assert c.get("/healthz").status_code == 200
+        assert predict(c).status_code == 200  # serving is unaffected
