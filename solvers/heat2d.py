@@ -87,8 +87,8 @@ class Heat2DConfig:
     """
 
     n: int = 64
-    alpha: float = 1.0
-    dt: float = 1e-3
+    alpha: float = 0.1
+    dt: float = 1e-2
     steps: int = 100
 
     def __post_init__(self) -> None:
