@@ -89,7 +89,7 @@ def test_steady_state_matches_analytic_laplace_solution() -> None:
     assert np.abs(steady[inside] - exact).max() <= 2e-4 * 500.0
 
     # Long time: the slowest mode is damped by (1 + dt*2pi^2)^-40 ~ 1e-12, so the trajectory must be there.
-    final = Heat2D(Heat2DConfig(n=n, dt=0.05, steps=40)).solve(params, np.zeros(1, dtype=np.int64))[0, -1, 0]
+    final = Heat2D(Heat2DConfig(n=n, alpha=1.0, dt=0.05, steps=40)).solve(params, np.zeros(1, dtype=np.int64))[0, -1, 0]
     assert np.abs(final[inside] - exact).max() <= 2e-4 * 500.0
     # float32 output is the only difference from the float64 discrete steady state.
     np.testing.assert_allclose(final, steady, rtol=0, atol=1e-3)
@@ -115,7 +115,7 @@ def test_spatial_convergence_is_second_order() -> None:
     hs, errs = [], []
     for n in (17, 33, 65, 129):
         steps = 4 * (n - 1) ** 2 // 256
-        solver = Heat2D(Heat2DConfig(n=n, dt=t / steps, steps=steps))
+        solver = Heat2D(Heat2DConfig(n=n, alpha=1.0, dt=t / steps, steps=steps))
         f = _sine_mode(n)
         last = _last(solver.run(f[None], ZERO_SIDES))[0]
         errs.append(np.abs(last - np.exp(-2.0 * np.pi**2 * t) * f).max())
