@@ -28,13 +28,12 @@ from services.config import DEFAULT_CONFIG, load_config
 from services.sampling import Sampler
 from trainer.loop import Normaliser, evaluate, run_loop
 from trainer.models import build_model
-from trainer.problem import ProblemSpec
 
 
 def solver_only(cfg, seconds: float) -> float:
     """Samples/s of the bare solver, batched as the solver actors batch it."""
     solver = solvers.get(cfg.problem.solver, **cfg.problem.config)
-    spec = ProblemSpec.from_solver(solver, dict(cfg.problem.config))
+    spec = cfg.problem.spec()
     sampler = Sampler(spec.params, "uniform", 0)
     b = cfg.solvers.sims_per_call
     n, t0 = 0, time.perf_counter()
@@ -49,13 +48,14 @@ def solver_only(cfg, seconds: float) -> float:
 def in_memory(cfg, steps: int, sims: int) -> tuple[float, float]:
     """Steps/s of the same loop on tensors already in memory (random batches of a fixed set)."""
     solver = solvers.get(cfg.problem.solver, **cfg.problem.config)
-    spec = ProblemSpec.from_solver(solver, dict(cfg.problem.config))
+    spec = cfg.problem.spec()
     params = Sampler(spec.params, "uniform", 1).draw(sims)
     traj = solver.solve(params, np.zeros(sims, dtype=np.int64))
     x, y, _, _ = spec.samples_from_trajectories(params, np.arange(sims), traj)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    xt = torch.from_numpy(x).view(-1, *spec.in_shape)
+    yt = torch.from_numpy(y).view(-1, *spec.out_shape)
     t = cfg.training
-    model = build_model(t.model, spec.in_features, len(spec.fields), spec.grid, **t.arch)
+    model = build_model(t.model, spec.in_channels, len(spec.outputs), spec.grid, field_input=spec.field_input, **t.arch)
     g = torch.Generator().manual_seed(0)
 
     def batches():
@@ -63,7 +63,7 @@ def in_memory(cfg, steps: int, sims: int) -> tuple[float, float]:
             i = torch.randint(0, xt.shape[0], (t.batch_size,), generator=g)
             yield xt[i], yt[i]
 
-    norm = Normaliser.fit(y[:10_000])
+    norm = Normaliser.fit(y[:10_000], xt[:10_000].numpy() if spec.field_input else None)
     t0 = time.perf_counter()
     stats = run_loop(
         model,

@@ -90,11 +90,13 @@ class SolverActor:
         solve_s = 0.0
         produced = 0
         parts: list[tuple[np.ndarray, ...]] = []
+        asm = self.spec.assembler(params, sim_ids)
         t_solve = time.perf_counter()
         try:
             for k, fields in self.solver.stream(params, seeds):  # fields (B, C, *grid)
-                parts.append(self.spec.samples_from_step(params, sim_ids, k, fields))
-                if len(parts) >= self.chunk_steps or k == len(self.spec.times) - 1:
+                if (s := asm.feed(k, fields)) is not None:
+                    parts.append(s)
+                if parts and (len(parts) >= self.chunk_steps or k == len(self.spec.times) - 1):
                     solve_s += time.perf_counter() - t_solve
                     x, y, sid, tix = (np.concatenate(a) for a in zip(*parts, strict=True))
                     parts.clear()

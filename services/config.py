@@ -14,8 +14,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import solvers
+from solvers.base import ParamSpace
 from trainer.models import available as model_names
 from trainer.models import check_arch
+from trainer.problem import ProblemSpec
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "heat2d-mlp.yaml"
@@ -32,6 +34,15 @@ class _Strict(BaseModel):
 class ProblemConfig(_Strict):
     solver: str = "heat2d"
     config: dict[str, Any] = Field(default_factory=dict)
+    kind: Literal["parametric", "operator"] = "parametric"
+    inputs: list[str] = Field(default_factory=list, description="operator: input fields")
+    outputs: list[str] = Field(default_factory=list, description="fields to predict (default: all non-inputs)")
+    input_index: int = Field(0, description="operator: recorded step of the inputs")
+    output_index: int = Field(-1, description="operator: recorded step of the outputs (pairs: final)")
+    pairs: Literal["final", "next"] = Field("final", description="operator: input->output once, or every step")
+    bounds: dict[str, tuple[float, float]] = Field(
+        default_factory=dict, description="narrow the sampled box of some parameters (inside the solver's bounds)"
+    )
 
     @model_validator(mode="after")
     def _solver_config(self) -> ProblemConfig:
@@ -46,7 +57,35 @@ class ProblemConfig(_Strict):
             cls(**self.config)
         except (TypeError, ValueError) as e:
             raise ValueError(str(e)) from None
+        self.spec()  # kind, fields, indices and bounds must fit the solver
         return self
+
+    def spec(self) -> ProblemSpec:
+        """The problem spec this config describes (validated against the solver)."""
+        solver = solvers.get(self.solver, **self.config)
+        space = solver.params
+        unknown = sorted(set(self.bounds) - set(space.names))
+        if unknown:
+            raise ValueError(f"bounds: unknown parameter(s) {unknown}; {self.solver} has {list(space.names)}")
+        low, high = list(space.low), list(space.high)
+        for name, (lo, hi) in self.bounds.items():
+            j = space.names.index(name)
+            if not (space.low[j] <= lo < hi <= space.high[j]):
+                raise ValueError(
+                    f"bounds.{name}: [{lo}, {hi}] must be a non-empty interval inside [{space.low[j]}, {space.high[j]}]"
+                )
+            low[j], high[j] = lo, hi
+        spec = ProblemSpec.from_solver(
+            solver,
+            dict(self.config),
+            kind=self.kind,
+            inputs=tuple(self.inputs),
+            outputs=tuple(self.outputs),
+            input_index=self.input_index,
+            output_index=self.output_index,
+            pairs=self.pairs,
+        )
+        return dataclasses.replace(spec, params=ParamSpace(space.names, tuple(low), tuple(high)))
 
 
 class SamplerConfig(_Strict):

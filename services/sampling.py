@@ -18,7 +18,8 @@ class Sampler:
         self.kind = kind
         self.seed = seed
         self._rng = np.random.default_rng(seed)
-        self._sobol = qmc.Sobol(d=space.dim, scramble=True, seed=seed) if kind == "sobol" else None
+        # A solver without scalar parameters (its inputs are random fields drawn from the seed) has dim 0.
+        self._sobol = qmc.Sobol(d=space.dim, scramble=True, seed=seed) if kind == "sobol" and space.dim else None
 
     def draw(self, n: int) -> np.ndarray:
         """The next ``n`` parameter sets ``[n, P]``."""

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import ray
 
-import solvers
 from services import metrics as M
 from services.actors import BufferActor, SolverActor
 from services.config import StudyConfig
@@ -38,9 +37,7 @@ class Study:
         self.config = config
         self.id = study_id or f"{config.name}-{uuid.uuid4().hex[:8]}"
         self.store_root = str(Path(store_root).resolve())
-        solver_cfg = dict(config.problem.config)
-        solver = solvers.get(config.problem.solver, **solver_cfg)
-        self.spec = ProblemSpec.from_solver(solver, solver_cfg)
+        self.spec: ProblemSpec = config.problem.spec()
         self.state = "created"
         self.error: str | None = None
         self.started_at: float | None = None

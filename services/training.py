@@ -27,6 +27,8 @@ def buffer_batches(
     buffer: ray.actor.ActorHandle,
     batch_size: int,
     device: torch.device,
+    in_shape: tuple[int, ...],
+    out_shape: tuple[int, ...],
     prefetch: int = 2,
     stop: Any = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor] | None]:
@@ -44,9 +46,10 @@ def buffer_batches(
                 return
             continue
         x, y = out
+        b = x.shape[0]
         yield (
-            torch.from_numpy(x).to(device, non_blocking=True),  # (B, F)
-            torch.from_numpy(y).to(device, non_blocking=True),  # (B, C*prod(grid))
+            torch.from_numpy(x).view(b, *in_shape).to(device, non_blocking=True),  # (B, F) or (B, F, *grid)
+            torch.from_numpy(y).view(b, *out_shape).to(device, non_blocking=True),  # (B, C, *grid)
         )
 
 
@@ -74,23 +77,27 @@ def train_worker(config: dict[str, Any]) -> None:
     buffer = config["buffer"]
     device = ray.train.torch.get_device()
     arch = dict(config["arch"])
-    in_ch, out_ch = spec.in_features, len(spec.fields)
+    in_ch, out_ch = spec.in_channels, len(spec.outputs)
     torch.manual_seed(int(config.get("seed", 0)))
-    net = build_model(config["model"], in_ch, out_ch, spec.grid, **arch)
+    net = build_model(config["model"], in_ch, out_ch, spec.grid, field_input=spec.field_input, **arch)
     model = ray.train.torch.prepare_model(net)
 
     x_val_np, y_val_np = ray.get(config["validation"])
-    x_val = torch.from_numpy(np.array(x_val_np)).to(device)  # object-store arrays are read-only
-    y_val = torch.from_numpy(np.array(y_val_np)).to(device)
+    n_val = x_val_np.shape[0]
+    # np.array: object-store arrays are read-only
+    x_val = torch.from_numpy(np.array(x_val_np)).view(n_val, *spec.in_shape).to(device)
+    y_val = torch.from_numpy(np.array(y_val_np)).view(n_val, *spec.out_shape).to(device)
 
-    batches = _agreed(buffer_batches(buffer, config["batch_size"], device), world, device)
+    batches = _agreed(
+        buffer_batches(buffer, config["batch_size"], device, spec.in_shape, spec.out_shape), world, device
+    )
     t_start = time.perf_counter()
     first = next(batches, None)  # blocks until the buffer reaches its watermark
     startup_wait = time.perf_counter() - t_start
     if first is None:
         return
-    # Output scaling from the first batch of the stream, fixed from then on and saved in the card.
-    norm = Normaliser.fit(first[1].cpu().numpy())
+    # Scalings from the first batch of the stream, fixed from then on and saved in the card.
+    norm = Normaliser.fit(first[1].cpu().numpy(), first[0].cpu().numpy() if spec.field_input else None)
 
     def stream() -> Iterator[Any]:
         yield first
@@ -119,6 +126,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 norm=norm,
                 stats=s,
                 study_id=config["study_id"],
+                field_input=spec.field_input,
             )
             # Every worker has seen its own batches; the card counts them all.
             card["samples_seen"] = s.samples_seen * world
@@ -159,7 +167,7 @@ def _stats_dict(s: LoopStats, startup_wait: float, world: int) -> dict[str, Any]
 
 
 def validation_set(spec: ProblemSpec, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Held-out simulations solved once with fixed seeds: ``(x [N*(T+1), F], y [N*(T+1), C*prod(grid)])``."""
+    """Held-out simulations solved once with fixed seeds: flat samples ``(x, y)`` as the buffer holds them."""
     import solvers
     from services.sampling import Sampler, simulation_seeds
 

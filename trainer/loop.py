@@ -17,25 +17,53 @@ import torch
 
 @dataclass
 class Normaliser:
-    """Affine output scaling ``y = mean + std * model(x)``, saved in the model card."""
+    """Affine scalings saved in the model card: outputs ``y = mean + std * model(x')`` and, for
+    field inputs, per-channel ``x' = (x - x_mean[c]) / x_std[c]`` (vector inputs are already in [0, 1])."""
 
     mean: float = 0.0
     std: float = 1.0
+    x_mean: tuple[float, ...] | None = None
+    x_std: tuple[float, ...] | None = None
 
     @classmethod
-    def fit(cls, y: np.ndarray) -> Normaliser:
+    def fit(cls, y: np.ndarray, x: np.ndarray | None = None) -> Normaliser:
+        """``y`` any shape; ``x [N, C, *grid]`` field inputs or None."""
         std = float(np.std(y))
-        return cls(mean=float(np.mean(y)), std=std if std > 0 else 1.0)
+        norm = cls(mean=float(np.mean(y)), std=std if std > 0 else 1.0)
+        if x is not None:
+            axes = (0, *range(2, x.ndim))
+            xs = np.std(x, axis=axes)
+            norm.x_mean = tuple(float(v) for v in np.mean(x, axis=axes))
+            # A constant channel (a fixed parameter, say) is centred but not scaled.
+            norm.x_std = tuple(float(v) if v > 1e-12 else 1.0 for v in xs)
+        return norm
+
+    def encode_x(self, x: torch.Tensor) -> torch.Tensor:
+        if self.x_mean is None or self.x_std is None:
+            return x
+        shape = (1, -1, *([1] * (x.ndim - 2)))
+        m = torch.tensor(self.x_mean, dtype=x.dtype, device=x.device).view(shape)
+        s = torch.tensor(self.x_std, dtype=x.dtype, device=x.device).view(shape)
+        return (x - m) / s  # (B, C, *grid)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return z * self.std + self.mean
 
-    def to_dict(self) -> dict[str, float]:
-        return {"y_mean": self.mean, "y_std": self.std}
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"y_mean": self.mean, "y_std": self.std}
+        if self.x_mean is not None:
+            d.update(x_mean=list(self.x_mean), x_std=list(self.x_std or ()))
+        return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, float]) -> Normaliser:
-        return cls(mean=float(d["y_mean"]), std=float(d["y_std"]))
+    def from_dict(cls, d: dict[str, Any]) -> Normaliser:
+        xm, xs = d.get("x_mean"), d.get("x_std")
+        return cls(
+            mean=float(d["y_mean"]),
+            std=float(d["y_std"]),
+            x_mean=tuple(float(v) for v in xm) if xm is not None else None,
+            x_std=tuple(float(v) for v in xs) if xs is not None else None,
+        )
 
 
 def rel_l2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -66,7 +94,7 @@ def train_step(
     for g in opt.param_groups:
         g["lr"] = lr
     model.train()
-    pred = norm.decode(model(x))  # (B, C, *grid)
+    pred = norm.decode(model(norm.encode_x(x)))  # (B, C, *grid)
     loss = rel_l2(pred, y.view_as(pred))
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -82,7 +110,7 @@ def evaluate(
     model.eval()
     total, n = 0.0, x.shape[0]
     for i in range(0, n, batch_size):
-        pred = norm.decode(model(x[i : i + batch_size]))
+        pred = norm.decode(model(norm.encode_x(x[i : i + batch_size])))
         total += float(rel_l2(pred, y[i : i + batch_size].view_as(pred))) * pred.shape[0]
     return total / max(1, n)
 
@@ -159,6 +187,7 @@ def make_card(
     norm: Normaliser,
     stats: LoopStats,
     study_id: str,
+    field_input: bool = False,
 ) -> dict[str, Any]:
     """The model card (see DESIGN: model store)."""
     return {
@@ -169,17 +198,23 @@ def make_card(
             "in_channels": in_channels,
             "out_channels": out_channels,
             "grid": list(grid),
+            "field_input": field_input,
         },
-        "input_shape": [in_channels],
+        "input_shape": [in_channels, *grid] if field_input else [in_channels],
         "output_shape": [out_channels, *grid],
         "normalisation": norm.to_dict(),
         "samples_seen": stats.samples_seen,
         "train_steps": stats.step,
-        "train_loss": stats.loss,
-        "validation_error": stats.validation_error,
+        "train_loss": _finite_or_none(stats.loss),
+        "validation_error": _finite_or_none(stats.validation_error),
         "study_id": study_id,
         "format": "safetensors",
     }
+
+
+def _finite_or_none(v: float) -> float | None:
+    """JSON has no NaN: a value not measured yet is null in the card."""
+    return float(v) if math.isfinite(v) else None
 
 
 def pick_device(use_gpu: bool) -> torch.device:

@@ -1,7 +1,9 @@
 """Surrogate models, one registry, one constructor shape ``(in_channels, out_channels, grid, **arch)``.
 
-For the parametric problem every model maps inputs ``[B, in_channels]`` (parameters
-and time, see ``trainer.problem``) to fields ``[B, out_channels, *grid]``.
+Every model maps inputs to fields ``[B, out_channels, *grid]``. Inputs are vectors
+``[B, in_channels]`` for a parametric problem, fields ``[B, in_channels, *grid]`` for an
+operator problem (``field_input=True``, supplied by the trainer from the problem spec, like
+the channels and the grid; the architecture keys are the rest).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class MLP(nn.Module):
         in_channels: int,
         out_channels: int,
         grid: tuple[int, ...],
+        field_input: bool = False,
         hidden: int = 256,
         layers: int = 3,
         activation: str = "gelu",
@@ -36,7 +39,8 @@ class MLP(nn.Module):
         if layers < 1 or hidden < 1:
             raise ValueError("mlp.layers and mlp.hidden must be >= 1")
         self.out_shape = (out_channels, *grid)
-        dims = [in_channels] + [hidden] * layers
+        in_dim = in_channels * math.prod(grid) if field_input else in_channels
+        dims = [in_dim] + [hidden] * layers
         blocks: list[nn.Module] = []
         for a, b in itertools.pairwise(dims):
             blocks += [nn.Linear(a, b), _ACTIVATIONS[activation]()]
@@ -44,8 +48,8 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (B, F)
-        return self.net(x).view(x.shape[0], *self.out_shape)  # (B, C, *grid)
+        # x: (B, F) or (B, F, *grid), flattened either way
+        return self.net(x.flatten(1)).view(x.shape[0], *self.out_shape)  # (B, C, *grid)
 
 
 class FNO(nn.Module):
@@ -56,6 +60,7 @@ class FNO(nn.Module):
         in_channels: int,
         out_channels: int,
         grid: tuple[int, ...],
+        field_input: bool = False,
         modes: int = 12,
         width: int = 32,
         layers: int = 4,
@@ -64,16 +69,17 @@ class FNO(nn.Module):
         from neuralop.models import FNO as _FNO  # heavy import, only when an FNO is built
 
         self.grid = tuple(grid)
+        self.field_input = field_input
         n_modes = tuple(min(modes, g // 2) for g in self.grid)
         self.net = _FNO(
             n_modes=n_modes, in_channels=in_channels, out_channels=out_channels, hidden_channels=width, n_layers=layers
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (B, F) -> constant channels (B, F, *grid); the FNO adds its own grid coordinates.
-        shape = (*x.shape, *([1] * len(self.grid)))
-        xc = x.view(shape).expand(*x.shape, *self.grid)
-        return self.net(xc)  # (B, C, *grid)
+        if not self.field_input:
+            # x: (B, F) -> constant channels (B, F, *grid); the FNO adds its own grid coordinates.
+            x = x.view(*x.shape, *([1] * len(self.grid))).expand(*x.shape, *self.grid)
+        return self.net(x)  # (B, F, *grid) -> (B, C, *grid)
 
 
 MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "fno": FNO}
@@ -88,17 +94,19 @@ def check_arch(name: str, arch: dict[str, Any]) -> None:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}")
     params = inspect.signature(MODELS[name].__init__).parameters
-    allowed = [k for k in params if k not in ("self", "in_channels", "out_channels", "grid")]
+    allowed = [k for k in params if k not in ("self", "in_channels", "out_channels", "grid", "field_input")]
     unknown = sorted(set(arch) - set(allowed))
     if unknown:
         raise ValueError(f"unknown {name} setting(s) {unknown}; allowed: {allowed}")
 
 
-def build_model(name: str, in_channels: int, out_channels: int, grid: tuple[int, ...], **arch: Any) -> nn.Module:
+def build_model(
+    name: str, in_channels: int, out_channels: int, grid: tuple[int, ...], field_input: bool = False, **arch: Any
+) -> nn.Module:
     """Build a registered model; unknown names or architecture keys raise ``ValueError``."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}")
     try:
-        return MODELS[name](in_channels, out_channels, tuple(grid), **arch)
+        return MODELS[name](in_channels, out_channels, tuple(grid), field_input=field_input, **arch)
     except TypeError as e:
         raise ValueError(f"bad architecture for model {name!r}: {e}") from None

@@ -117,7 +117,14 @@ class ModelStore:
         card = self.card(name, version)
         try:
             m = card["model"]
-            model = build_model(m["name"], m["in_channels"], m["out_channels"], tuple(m["grid"]), **m["arch"])
+            model = build_model(
+                m["name"],
+                m["in_channels"],
+                m["out_channels"],
+                tuple(m["grid"]),
+                field_input=bool(m.get("field_input", False)),
+                **m["arch"],
+            )
             state = load_file(str(self.root / name / f"{version:06d}" / "weights.safetensors"))
         except Exception as e:  # safetensors, torch and a bad card each raise their own types
             raise StoreError(f"cannot rebuild {name!r} version {version}: {e}") from None

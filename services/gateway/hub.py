@@ -21,13 +21,21 @@ from trainer.store import LoadedModel, ModelStore, StoreError
 log = logging.getLogger("surge.gateway")
 
 
-def run_model(m: LoadedModel, rows: np.ndarray) -> np.ndarray:
-    """Rows ``[N, P+1]`` (physical parameters in card order, then t) -> fields ``[N, C, *grid]`` float32."""
+def run_model(m: LoadedModel, rows: np.ndarray, fields: np.ndarray | None = None) -> np.ndarray:
+    """Predict fields ``[N, C_out, *grid]`` float32.
+
+    Parametric: ``rows [N, P+1]`` (physical parameters in card order, then t). Operator:
+    ``fields [N, C_in, *grid]`` and ``rows [N, P]`` (the parameters, possibly none).
+    """
     spec = ProblemSpec.from_dict(m.card["problem"])
     norm = Normaliser.from_dict(m.card["normalisation"])
-    x = torch.from_numpy(spec.encode_inputs(rows[:, :-1], rows[:, -1]))  # (N, P+2)
+    if spec.field_input:
+        assert fields is not None
+        x = torch.from_numpy(spec.encode_fields(fields, rows))  # (N, C_in+P, *grid)
+    else:
+        x = torch.from_numpy(spec.encode_inputs(rows[:, :-1], rows[:, -1]))  # (N, P+2)
     with torch.inference_mode():
-        y = norm.decode(m.model(x))  # (N, C, *grid)
+        y = norm.decode(m.model(norm.encode_x(x)))  # (N, C_out, *grid)
     return y.numpy().astype(np.float32, copy=False)
 
 
@@ -36,7 +44,10 @@ def check_servable(m: LoadedModel) -> None:
     try:
         spec = ProblemSpec.from_dict(m.card["problem"])
         mid = (np.asarray(spec.params.low) + np.asarray(spec.params.high)) / 2
-        y = run_model(m, np.concatenate([mid, [spec.t_final]])[None])
+        if spec.field_input:
+            y = run_model(m, mid[None], np.zeros((1, len(spec.inputs), *spec.grid), np.float32))
+        else:
+            y = run_model(m, np.concatenate([mid, [spec.t_final]])[None])
     except Exception as e:  # any failure here would otherwise become a 500 on every request
         raise StoreError(f"{m.name} version {m.version} cannot predict: {type(e).__name__}: {e}") from None
     if y.shape != (1, *spec.out_shape) or list(y.shape[1:]) != list(m.card.get("output_shape", [])):

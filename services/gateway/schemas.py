@@ -57,6 +57,13 @@ class PredictRequest(BaseModel):
     times: list[FiniteFloat] = Field(min_length=1, description="physical times at which to predict the fields")
 
 
+class OperatorPredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: dict[str, Any] = Field(description="each input field by name: an array [*grid] or a batch [N, *grid]")
+    params: dict[str, FiniteFloat] = Field(default_factory=dict, description="the model's scalar parameters, if any")
+
+
 class PredictResponse(BaseModel):
     model: str
     version: int

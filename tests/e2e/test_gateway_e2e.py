@@ -174,7 +174,7 @@ def test_metrics_carry_the_vocabulary_with_values(trained) -> None:
         "surge_simulations_total",
         "surge_samples_produced_total",
         "surge_samples_consumed_total",
-        "surge_buffer_samples",
+        "surge_buffer_capacity_samples",
         "surge_trainer_data_wait_seconds_total",
         "surge_train_steps_total",
         "surge_train_loss",
@@ -183,6 +183,8 @@ def test_metrics_carry_the_vocabulary_with_values(trained) -> None:
         "surge_predict_latency_seconds_count",
     ):
         assert values.get(name, 0) > 0, name
+    # The fill may be anything from 0 (the trainer caught up) to the capacity, but it is exported.
+    assert 0 <= values["surge_buffer_samples"] <= values["surge_buffer_capacity_samples"]
 
 
 def test_delete_stops_the_study_and_serving_goes_on(trained) -> None:

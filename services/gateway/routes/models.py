@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Request, Response, status
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from services import metrics as M
@@ -20,6 +20,7 @@ from services.gateway.schemas import (
     ModelCardPublic,
     ModelList,
     ModelSummary,
+    OperatorPredictRequest,
     ParamPublic,
     PredictRequest,
     PredictResponse,
@@ -99,31 +100,42 @@ def get_model(name: str, hub: HubDep) -> ModelCardPublic:
     return _card(_loaded(hub, name))
 
 
-def _rows_from_json(body: bytes, spec: ProblemSpec, max_rows: int) -> np.ndarray:
-    """JSON ``{"params": {...}, "times": [...]}`` -> rows ``[N, P+1]`` (params in card order, then t)."""
+def _json(body: bytes) -> Any:
     try:
-        data = json.loads(body)
+        return json.loads(body)
     except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
         raise _bad(f"body is not valid JSON: {e}") from None
+
+
+def _validated(model: type[BaseModel], data: Any) -> Any:
     try:
-        req = PredictRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err["loc"]) or "body"
         raise _bad(f"{loc}: {err['msg']}") from None
+
+
+def _param_vector(given: dict[str, float], spec: ProblemSpec) -> np.ndarray:
     names = spec.params.names
-    missing = [n for n in names if n not in req.params]
-    unknown = sorted(set(req.params) - set(names))
+    missing = [n for n in names if n not in given]
+    unknown = sorted(set(given) - set(names))
     if missing or unknown:
         parts = []
         if missing:
             parts.append(f"missing parameter(s): {', '.join(missing)}")
         if unknown:
             parts.append(f"unknown parameter(s): {', '.join(unknown)}")
-        raise _bad("; ".join(parts) + f" (expected: {', '.join(names)})")
+        raise _bad("; ".join(parts) + f" (expected: {', '.join(names) or 'none'})")
+    return np.array([given[n] for n in names], dtype=np.float64)
+
+
+def _rows_from_json(body: bytes, spec: ProblemSpec, max_rows: int) -> np.ndarray:
+    """JSON ``{"params": {...}, "times": [...]}`` -> rows ``[N, P+1]`` (params in card order, then t)."""
+    req = _validated(PredictRequest, _json(body))
+    p = _param_vector(req.params, spec)
     if len(req.times) > max_rows:
         raise _bad(f"times: at most {max_rows} times per request, got {len(req.times)}")
-    p = np.array([req.params[n] for n in names], dtype=np.float64)
     t = np.asarray(req.times, dtype=np.float64)
     return np.concatenate([np.tile(p, (len(t), 1)), t[:, None]], axis=1)
 
@@ -145,13 +157,74 @@ def _rows_from_npy(body: bytes, spec: ProblemSpec, max_rows: int) -> np.ndarray:
     return arr.astype(np.float64)
 
 
-def _check_rows(rows: np.ndarray, spec: ProblemSpec) -> None:
-    names = (*spec.params.names, "t")
+def _fields_from_json(body: bytes, spec: ProblemSpec, max_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """JSON ``{"inputs": {field: [*grid] or [N, *grid]}, "params": {...}}``.
+
+    Returns ``(fields [N, C_in, *grid], params [N, P])``.
+    """
+    req = _validated(OperatorPredictRequest, _json(body))
+    missing = [n for n in spec.inputs if n not in req.inputs]
+    unknown = sorted(set(req.inputs) - set(spec.inputs))
+    if missing or unknown:
+        what = f"missing input field(s): {', '.join(missing)}" if missing else f"unknown input field(s): {unknown}"
+        raise _bad(f"inputs: {what} (expected: {', '.join(spec.inputs)})")
+    arrays = []
+    for name in spec.inputs:
+        try:
+            a = np.asarray(req.inputs[name], dtype=np.float64)
+        except (ValueError, TypeError):
+            raise _bad(f"inputs.{name}: must be a (nested) list of numbers of shape {list(spec.grid)}") from None
+        if a.shape == spec.grid:
+            a = a[None]
+        if a.shape[1:] != spec.grid or a.shape[0] < 1:
+            raise _bad(
+                f"inputs.{name}: shape must be {list(spec.grid)} or [N, {', '.join(map(str, spec.grid))}]"
+                f", got {list(a.shape)}"
+            )
+        arrays.append(a)
+    n = arrays[0].shape[0]
+    if any(a.shape[0] != n for a in arrays):
+        raise _bad("inputs: all input fields must hold the same number of samples")
+    if n > max_rows:
+        raise _bad(f"inputs: at most {max_rows} samples per request, got {n}")
+    p = _param_vector(req.params, spec)
+    return np.stack(arrays, axis=1), np.tile(p, (n, 1))
+
+
+def _fields_from_npy(body: bytes, spec: ProblemSpec, max_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """An ``.npy`` array ``[N, C_in, *grid]`` of input fields (models without scalar parameters)."""
+    if spec.params.dim:
+        raise _bad("this model also takes scalar parameters: send JSON with inputs and params")
+    try:
+        arr = np.load(io.BytesIO(body), allow_pickle=False)
+    except Exception as e:  # numpy raises several types for a malformed header
+        raise _bad(f"body is not a valid .npy array: {e}") from None
+    if arr.dtype.kind not in "fiu":
+        raise _bad(f"array dtype must be float or integer, got {arr.dtype}")
+    want = (len(spec.inputs), *spec.grid)
+    if arr.ndim != len(want) + 1 or arr.shape[1:] != want or arr.shape[0] < 1:
+        raise _bad(
+            f"array shape must be [N, {', '.join(map(str, want))}] (fields {', '.join(spec.inputs)}), "
+            f"got {list(arr.shape)}"
+        )
+    if arr.shape[0] > max_rows:
+        raise _bad(f"at most {max_rows} samples per request, got {arr.shape[0]}")
+    return arr.astype(np.float64), np.zeros((arr.shape[0], 0))
+
+
+def _check_fields(fields: np.ndarray, spec: ProblemSpec) -> None:
+    bad = ~np.isfinite(fields)
+    if bad.any():
+        raise _bad(f"inputs.{spec.inputs[int(np.argwhere(bad)[0][1])]} must hold finite numbers (no NaN or inf)")
+
+
+def _check_rows(rows: np.ndarray, spec: ProblemSpec, with_time: bool = True) -> None:
+    names = (*spec.params.names, "t") if with_time else spec.params.names
     bad = ~np.isfinite(rows)
     if bad.any():
         raise _bad(f"{names[int(np.argwhere(bad)[0][1])]} must be a finite number (no NaN or inf)")
-    lo = np.array([*spec.params.low, spec.times[0]])
-    hi = np.array([*spec.params.high, spec.t_final])
+    lo = np.array([*spec.params.low, spec.times[0]][: len(names)])
+    hi = np.array([*spec.params.high, spec.t_final][: len(names)])
     out = (rows < lo) | (rows > hi)
     if out.any():
         i, j = np.argwhere(out)[0]
@@ -183,14 +256,19 @@ async def predict(name: str, request: Request, hub: HubDep, settings: SettingsDe
         body = await read_body(request, settings.max_body_bytes)
         spec = ProblemSpec.from_dict(m.card["problem"])
         ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if ctype in ("application/json", ""):
-            rows = _rows_from_json(body, spec, settings.max_predict_rows)
-        elif ctype == NPY:
-            rows = _rows_from_npy(body, spec, settings.max_predict_rows)
-        else:
+        if ctype not in ("application/json", "", NPY):
             raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, UNSUPPORTED_TYPE.format(ctype=ctype))
-        _check_rows(rows, spec)
-        y = await run_in_threadpool(run_model, m, rows)
+        limit = settings.max_predict_rows
+        fields = None
+        if spec.field_input:
+            parse = _fields_from_npy if ctype == NPY else _fields_from_json
+            fields, rows = parse(body, spec, limit)
+            _check_fields(fields, spec)
+            _check_rows(rows, spec, with_time=False)
+        else:
+            rows = (_rows_from_npy if ctype == NPY else _rows_from_json)(body, spec, limit)
+            _check_rows(rows, spec)
+        y = await run_in_threadpool(run_model, m, rows, fields)
         headers = {"X-Model-Version": str(m.version), "X-Model-Name": name}
         code = 200
         if NPY in request.headers.get("accept", ""):
