@@ -40,7 +40,16 @@ def config_class(name: str) -> type:
     return get_cls.Config
 
 
-# Import solver modules so that they register themselves.
-from solvers import heat2d  # noqa: E402,F401
+def _discover() -> None:
+    """Import every solver module of this package so that it registers itself."""
+    import importlib
+    import pkgutil
+
+    for mod in pkgutil.iter_modules(__path__):
+        if mod.name != "base" and not mod.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{mod.name}")
+
+
+_discover()
 
 __all__ = ["ParamSpace", "Solver", "available", "config_class", "get", "register"]
