@@ -32,6 +32,14 @@ def get(name: str, **config: Any) -> Solver:
     return cls(cls.Config(**config))
 
 
+def solver_class(name: str) -> type:
+    """The registered class of solver ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown solver {name!r}; available: {', '.join(available())}") from None
+
+
 def config_class(name: str) -> type:
     """The frozen config dataclass of solver ``name``."""
     get_cls = _REGISTRY.get(name)
@@ -52,4 +60,4 @@ def _discover() -> None:
 
 _discover()
 
-__all__ = ["ParamSpace", "Solver", "available", "config_class", "get", "register"]
+__all__ = ["ParamSpace", "Solver", "available", "config_class", "get", "register", "solver_class"]
