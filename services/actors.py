@@ -105,7 +105,15 @@ class SolverActor:
                     produced += x.shape[0]
                     t_solve = time.perf_counter()
         except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, BufferClosed) or "BufferClosed" in str(e):
-                return {"produced": produced, "solve_s": solve_s, "wall_s": time.perf_counter() - t0, "closed": True}
-            raise
-        return {"produced": produced, "solve_s": solve_s, "wall_s": time.perf_counter() - t0, "closed": False}
+            if not (isinstance(e.cause, BufferClosed) or "BufferClosed" in str(e)):
+                raise
+            closed = True
+        else:
+            closed = False
+        return {
+            "produced": produced,
+            "solve_s": solve_s,
+            "wall_s": time.perf_counter() - t0,
+            "closed": closed,
+            "node": ray.get_runtime_context().get_node_id(),
+        }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import secrets
@@ -124,9 +125,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from services.gateway.app import create_app
     from services.gateway.settings import GatewaySettings
 
-    settings = GatewaySettings.from_env(store=Path(args.store) if args.store else None)
-    manager = None
-    if args.address:
+    settings = GatewaySettings.from_env(
+        store=Path(args.store) if args.store else None, ray_jobs_address=args.jobs_address
+    )
+    manager: Any = None
+    if settings.ray_jobs_address:
+        from services.jobs import RayJobStudies
+
+        manager = RayJobStudies(settings.ray_jobs_address, settings.store)
+    elif args.address:
         from services.study import StudyManager
 
         init_ray(None, args.address)
@@ -136,13 +143,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import signal
+
     from rich.console import Console
 
-    from services.study import StudyManager
+    from services.study import Study
 
-    cfg = _load(args.config)
+    if args.config_env:
+        from services.config import parse_config
+
+        try:
+            cfg = parse_config(json.loads(os.environ[args.config_env]), f"${args.config_env}")
+        except (KeyError, ValueError) as e:
+            print(f"surge: cannot read the study config from ${args.config_env}: {e}", file=sys.stderr)
+            return 2
+    else:
+        cfg = _load(args.config)
     init_ray(args.cpus, args.address)
-    study = StudyManager(Path(args.store)).start(cfg)
+    study = Study(cfg, Path(args.store), study_id=args.study_id).start()
+    # A Ray job being stopped gets SIGTERM: stop the study so that it publishes a last checkpoint.
+    signal.signal(signal.SIGTERM, lambda *_: study.stop())
     console = Console()
     try:
         while study.running:
@@ -153,6 +173,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     study.join()
     console.print(render_progress(study.snapshot()))
     return 0 if study.state in ("finished", "stopped") else 1
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Send a study to a running gateway (which runs it in its process or as a Ray job)."""
+    import httpx
+
+    cfg = _load(args.config)
+    token = args.token or os.environ.get("SURGE_API_TOKEN")
+    if not token:
+        print("surge: submit needs the gateway's API token (--token or SURGE_API_TOKEN)", file=sys.stderr)
+        return 2
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    try:
+        r = httpx.post(f"{args.gateway.rstrip('/')}/v1/studies", content=cfg.model_dump_json(), headers=headers)
+    except httpx.HTTPError as e:
+        print(f"surge: cannot reach the gateway at {args.gateway}: {e}", file=sys.stderr)
+        return 1
+    if r.status_code != 201:
+        print(f"surge: the gateway answered {r.status_code}: {r.text}", file=sys.stderr)
+        return 1
+    snap = r.json()
+    print(f"study {snap['id']} {snap['state']}; follow it with: curl {args.gateway}/v1/studies/{snap['id']}")
+    if args.wait:
+        while snap["state"] in ("starting", "running"):
+            time.sleep(5)
+            snap = httpx.get(f"{args.gateway.rstrip('/')}/v1/studies/{snap['id']}").json()
+            tr = snap["training"]
+            print(f"  {snap['state']}: step {tr['step']}/{tr['steps']}, validation {tr['validation_error']}")
+    return 0 if snap["state"] in ("starting", "running", "finished") else 1
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -180,16 +229,30 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--exit-when-done", action="store_true", help="exit when the study ends")
     r.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("serve", help="the gateway alone (studies need --address)")
+    s = sub.add_parser("serve", help="the gateway alone (studies need --jobs-address or --address)")
     s.add_argument("--store", default=None)
-    s.add_argument("--address", default=None)
+    s.add_argument(
+        "--jobs-address",
+        default=None,
+        help="Ray job API, e.g. http://ray-head:8265: studies run there as Ray jobs ($SURGE_RAY_JOBS_ADDRESS)",
+    )
+    s.add_argument("--address", default=None, help="Ray cluster for studies run inside the gateway's process")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.set_defaults(func=cmd_serve)
 
-    t = sub.add_parser("train", help="run a study without the gateway")
+    t = sub.add_parser("train", help="run a study without the gateway (what a study's Ray job runs)")
     common(t)
+    t.add_argument("--config-env", default=None, help="read the study config (JSON) from this variable")
+    t.add_argument("--study-id", default=None)
     t.set_defaults(func=cmd_train)
+
+    sb = sub.add_parser("submit", help="send a study to a running gateway")
+    sb.add_argument("config", nargs="?", default=None, help=f"study YAML (default {DEFAULT_CONFIG.name})")
+    sb.add_argument("--gateway", default=os.environ.get("SURGE_GATEWAY", "http://localhost:8000"))
+    sb.add_argument("--token", default=None, help="API token (default $SURGE_API_TOKEN)")
+    sb.add_argument("--wait", action="store_true", help="follow the study until it ends")
+    sb.set_defaults(func=cmd_submit)
 
     v = sub.add_parser("validate", help="check a study config")
     v.add_argument("config")

@@ -7,6 +7,7 @@ the field (``training.batch_size``) and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +20,8 @@ from trainer.models import available as model_names
 from trainer.models import check_arch
 from trainer.problem import ProblemSpec
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The example studies: beside the packages in a checkout, or where the image puts them.
+CONFIG_DIR = Path(os.environ.get("SURGE_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
 DEFAULT_CONFIG = CONFIG_DIR / "heat2d-mlp.yaml"
 
 

@@ -7,20 +7,22 @@ simulation budget is spent, and stops the solvers when training is done.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import ray
 
-from services import metrics as M
 from services.actors import BufferActor, SolverActor
 from services.config import StudyConfig
+from services.metrics import PROGRESS_DIR
 from services.sampling import Sampler, simulation_seeds
 from services.training import train_worker, validation_set
 from trainer.problem import ProblemSpec
@@ -48,7 +50,8 @@ class Study:
         self._produced = 0
         self._solve_s = 0.0
         self._buffer_stats: dict[str, Any] = {}
-        self._counted = {"consumed": 0, "evicted": 0, "duplicates": 0, "data_wait": 0.0, "steps": 0}
+        self._nodes: set[str] = set()
+        self.progress_path = Path(self.store_root) / PROGRESS_DIR / f"{self.id}.json"
         self._rates: dict[str, float] = {"produced_per_s": 0.0, "consumed_per_s": 0.0}
         self._thread: threading.Thread | None = None
         self.buffer: ray.actor.ActorHandle | None = None
@@ -60,7 +63,6 @@ class Study:
     def start(self) -> Study:
         self.state = "starting"
         self.started_at = time.time()
-        M.STUDIES_RUNNING.inc()
         self._thread = threading.Thread(target=self._main, name=f"study-{self.id}", daemon=True)
         self._thread.start()
         return self
@@ -131,7 +133,7 @@ class Study:
         finally:
             self._teardown(trainer_thread)
             self.ended_at = time.time()
-            M.STUDIES_RUNNING.dec()
+            self._write_progress()
 
     def _make_trainer(self, validation_ref: ray.ObjectRef) -> Any:
         from ray.train import RunConfig, ScalingConfig
@@ -207,7 +209,6 @@ class Study:
             log.warning("simulations %s..%s failed: %s", ids[0], ids[-1], e)
             with self._lock:
                 self._sims["failed"] += len(ids)
-            M.SIMULATIONS.labels(self.id, "failed").inc(len(ids))
             return
         status = "cancelled" if res["closed"] else "done"
         with self._lock:
@@ -216,8 +217,7 @@ class Study:
             self._solve_s += res["solve_s"]
             if status == "done":
                 self.done_ids.extend(int(i) for i in ids)
-        M.SIMULATIONS.labels(self.id, status).inc(len(ids))
-        M.SAMPLES_PRODUCED.labels(self.id).inc(res["produced"])
+            self._nodes.add(res.get("node", "?"))
 
     def _monitor(self) -> None:
         while self.running:
@@ -225,41 +225,36 @@ class Study:
             time.sleep(1.0)
 
     def _poll(self) -> None:
-        if self.buffer is None:
-            return
+        """Read the buffer's (and through it the trainer's) figures; publish the progress file."""
+        if self.buffer is not None:
+            try:
+                st = ray.get(self.buffer.stats.remote(), timeout=5)
+            except Exception:
+                st = None
+            if st is not None:
+                now = time.time()
+                prev = self._buffer_stats
+                with self._lock:
+                    if prev:
+                        dt = max(1e-6, now - prev["_time"])
+                        offered, prev_offered = st["received"] + st["duplicates"], prev["received"] + prev["duplicates"]
+                        self._rates = {
+                            "produced_per_s": (offered - prev_offered) / dt,
+                            "consumed_per_s": (st["consumed"] - prev["consumed"]) / dt,
+                        }
+                    self._buffer_stats = {**st, "_time": now}
+        self._write_progress()
+
+    def _write_progress(self) -> None:
+        """The snapshot as a file next to the models: the gateway reads studies (and their metrics) from it,
+        whether the study runs in its process or as a Ray job elsewhere."""
         try:
-            st = ray.get(self.buffer.stats.remote(), timeout=5)
-        except Exception:
-            return
-        now = time.time()
-        tr = st.get("training", {})
-        prev = self._buffer_stats
-        with self._lock:
-            if prev:
-                dt = max(1e-6, now - prev["_time"])
-                self._rates = {
-                    "produced_per_s": (st["received"] + st["duplicates"] - prev["received"] - prev["duplicates"]) / dt,
-                    "consumed_per_s": (st["consumed"] - prev["consumed"]) / dt,
-                }
-            self._buffer_stats = {**st, "_time": now}
-        sid = self.id
-        c = self._counted
-        M.BUFFER_SAMPLES.labels(sid).set(st["held"])
-        M.BUFFER_CAPACITY.labels(sid).set(st["capacity"])
-        for key, metric, new in (
-            ("consumed", M.SAMPLES_CONSUMED, st["consumed"]),
-            ("evicted", M.BUFFER_EVICTIONS, st["evicted"]),
-            ("duplicates", M.SAMPLES_DUPLICATE, st["duplicates"]),
-            ("data_wait", M.DATA_WAIT, tr.get("data_wait_s", 0.0)),
-            ("steps", M.TRAIN_STEPS, tr.get("step", 0)),
-        ):
-            if new > c[key]:
-                metric.labels(sid).inc(new - c[key])
-                c[key] = new
-        if tr.get("loss") is not None and np.isfinite(tr.get("loss", np.nan)):
-            M.TRAIN_LOSS.labels(sid).set(tr["loss"])
-        if tr.get("validation_error") is not None and np.isfinite(tr.get("validation_error", np.nan)):
-            M.VALIDATION_ERROR.labels(sid).set(tr["validation_error"])
+            self.progress_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.progress_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.snapshot()))
+            os.replace(tmp, self.progress_path)
+        except OSError as e:  # a full or read-only disk must not stop the study
+            log.warning("cannot write %s: %s", self.progress_path, e)
 
     def _teardown(self, trainer_thread: threading.Thread | None) -> None:
         if self.buffer is not None:
@@ -297,6 +292,7 @@ class Study:
             sims = dict(self._sims)
             rates = dict(self._rates)
             produced = self._produced
+            nodes = sorted(self._nodes)
         tr = st.get("training", {})
         elapsed = ((self.ended_at or time.time()) - self.started_at) if self.started_at else 0.0
         t = self.config.training
@@ -307,6 +303,9 @@ class Study:
             "state": self.state,
             "error": self.error,
             "device": "gpu" if self.use_gpu else "cpu",
+            "started_at": self.started_at,
+            "updated_at": time.time(),
+            "nodes": {"solvers": nodes, "trainers": sorted(tr.get("nodes", []))},
             "elapsed_s": elapsed,
             "simulations": {**sims, "budget": self.config.simulations},
             "samples": {
@@ -341,8 +340,28 @@ def _finite(v: Any) -> float | None:
     return float(v) if v is not None and np.isfinite(v) else None
 
 
+class StudyLimitError(RuntimeError):
+    """Too many studies running already."""
+
+
+class StudiesUnavailable(RuntimeError):
+    """The Ray cluster that runs studies cannot be reached."""
+
+
+class StudyBackend(Protocol):
+    """What the gateway needs from whatever runs studies; every call returns snapshots."""
+
+    def submit(self, config: StudyConfig) -> dict[str, Any]: ...
+
+    def status(self, study_id: str) -> dict[str, Any] | None: ...
+
+    def statuses(self) -> list[dict[str, Any]]: ...
+
+    def cancel(self, study_id: str) -> dict[str, Any] | None: ...
+
+
 class StudyManager:
-    """The studies of this process, by id."""
+    """Studies run by this process on the Ray it is connected to (the embedded mode), by id."""
 
     def __init__(self, store_root: str | Path, max_running: int = 2) -> None:
         self.store_root = Path(store_root)
@@ -354,7 +373,7 @@ class StudyManager:
         with self._lock:
             running = sum(s.running for s in self._studies.values())
             if running >= self.max_running:
-                raise RuntimeError(f"{running} studies are running already (limit {self.max_running})")
+                raise StudyLimitError(f"{running} studies are running already (limit {self.max_running})")
             study = Study(config, self.store_root)
             self._studies[study.id] = study
         return study.start()
@@ -370,3 +389,64 @@ class StudyManager:
             s.stop()
         for s in self._studies.values():
             s.join(timeout)
+
+    # The gateway's view: snapshots, whatever runs the study.
+    def submit(self, config: StudyConfig) -> dict[str, Any]:
+        return self.start(config).snapshot()
+
+    def status(self, study_id: str) -> dict[str, Any] | None:
+        s = self.get(study_id)
+        return s.snapshot() if s is not None else None
+
+    def statuses(self) -> list[dict[str, Any]]:
+        return [s.snapshot() for s in self.list()]
+
+    def cancel(self, study_id: str) -> dict[str, Any] | None:
+        s = self.get(study_id)
+        if s is None:
+            return None
+        s.stop()
+        return s.snapshot()
+
+
+def pending_snapshot(study_id: str, config: StudyConfig, state: str, error: str | None = None) -> dict[str, Any]:
+    """A snapshot for a study whose driver has not reported yet (or never will)."""
+    return {
+        "id": study_id,
+        "name": config.name,
+        "model_name": config.served_name,
+        "state": state,
+        "error": error,
+        "device": "gpu" if config.training.use_gpu else "cpu",
+        "started_at": None,
+        "updated_at": time.time(),
+        "nodes": {"solvers": [], "trainers": []},
+        "elapsed_s": 0.0,
+        "simulations": {"dispatched": 0, "done": 0, "failed": 0, "cancelled": 0, "budget": config.simulations},
+        "samples": {
+            "produced": 0,
+            "received": 0,
+            "duplicates": 0,
+            "consumed": 0,
+            "produced_per_s": 0.0,
+            "consumed_per_s": 0.0,
+        },
+        "buffer": {
+            "policy": config.buffer.policy,
+            "held": 0,
+            "capacity": config.buffer.capacity,
+            "watermark_reached": False,
+            "evicted": 0,
+        },
+        "training": {
+            "step": 0,
+            "steps": config.training.steps,
+            "loss": None,
+            "validation_error": None,
+            "samples_seen": 0,
+            "data_wait_s": 0.0,
+            "compute_s": 0.0,
+            "version": None,
+            "history": [],
+        },
+    }

@@ -67,10 +67,21 @@ def _agreed(batches: Iterator[Any], world_size: int, device: torch.device) -> It
             return
 
 
+_NODES: set[str] = set()
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of the study's ``TorchTrainer``."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # Every rank's node, gathered on rank 0 (the study reports where its work ran).
+    node = ray.get_runtime_context().get_node_id()
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, node)
+        _NODES.update(gathered)
+    else:
+        _NODES.add(node)
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
     spec = ProblemSpec.from_dict(config["problem"])
@@ -163,6 +174,7 @@ def _stats_dict(s: LoopStats, startup_wait: float, world: int) -> dict[str, Any]
         "startup_wait_s": startup_wait,
         "history": list(s.history),
         "time": time.time(),
+        "nodes": sorted(_NODES),
     }
 
 

@@ -8,15 +8,18 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
 
 from services.gateway.hub import ModelHub
 from services.gateway.routes import models, studies, system
 from services.gateway.settings import GatewaySettings
-from services.study import StudyManager
+from services.metrics import StudyCollector
+from services.study import StudyBackend
 
 
-def create_app(settings: GatewaySettings | None = None, manager: StudyManager | None = None) -> FastAPI:
-    """Build the gateway. ``manager`` is None when no Ray cluster is attached (studies answer 503)."""
+def create_app(settings: GatewaySettings | None = None, manager: StudyBackend | None = None) -> FastAPI:
+    """Build the gateway. ``manager`` runs studies (in this process, or as Ray jobs on a cluster);
+    without one, the study routes answer 503 and models are served all the same."""
     settings = settings or GatewaySettings.from_env()
 
     @asynccontextmanager
@@ -31,6 +34,8 @@ def create_app(settings: GatewaySettings | None = None, manager: StudyManager | 
     app.state.settings = settings
     app.state.hub = ModelHub(settings.store, settings.poll_interval_s)
     app.state.manager = manager
+    app.state.study_registry = CollectorRegistry(auto_describe=True)
+    app.state.study_registry.register(StudyCollector(settings.store))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

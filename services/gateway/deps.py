@@ -9,7 +9,7 @@ from fastapi import Depends, HTTPException, Request, status
 
 from services.gateway.hub import ModelHub
 from services.gateway.settings import GatewaySettings
-from services.study import StudyManager
+from services.study import StudyBackend
 
 TOKEN_MISSING = "missing or invalid bearer token"
 MUTATIONS_DISABLED = "study mutations are disabled: the gateway has no API token (set SURGE_API_TOKEN)"
@@ -25,7 +25,7 @@ def get_hub(request: Request) -> ModelHub:
     return request.app.state.hub
 
 
-def get_manager(request: Request) -> StudyManager:
+def get_manager(request: Request) -> StudyBackend:
     manager = request.app.state.manager
     if manager is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, STUDIES_UNAVAILABLE)
@@ -56,5 +56,5 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]
 HubDep = Annotated[ModelHub, Depends(get_hub)]
-ManagerDep = Annotated[StudyManager, Depends(get_manager)]
+ManagerDep = Annotated[StudyBackend, Depends(get_manager)]
 TokenDep = Annotated[None, Depends(require_token)]

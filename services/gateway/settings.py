@@ -17,6 +17,9 @@ class GatewaySettings(BaseModel):
     max_predict_rows: int = Field(4096, ge=1, description="most (params, t) rows in one predict request")
     poll_interval_s: float = Field(1.0, gt=0, description="how often the model store is checked for new versions")
     max_running_studies: int = Field(2, ge=1)
+    ray_jobs_address: str | None = Field(
+        None, description="Ray job API (http://head:8265): studies run there as Ray jobs"
+    )
 
     @classmethod
     def from_env(cls, **overrides: object) -> GatewaySettings:
@@ -29,5 +32,7 @@ class GatewaySettings(BaseModel):
             env["max_body_bytes"] = int(v)
         if v := os.environ.get("SURGE_MAX_PREDICT_ROWS"):
             env["max_predict_rows"] = int(v)
+        if v := os.environ.get("SURGE_RAY_JOBS_ADDRESS"):
+            env["ray_jobs_address"] = v
         env.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**env)

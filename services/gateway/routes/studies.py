@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, status
+from starlette.concurrency import run_in_threadpool
 
 from services.config import ConfigError, parse_config, parse_yaml
 from services.gateway.deps import ManagerDep, SettingsDep, TokenDep, read_body
 from services.gateway.schemas import ErrorPublic, StudyList, StudyPublic
+from services.study import StudiesUnavailable, StudyLimitError
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
 
@@ -38,30 +41,38 @@ async def create_study(request: Request, _: TokenDep, manager: ManagerDep, setti
     except ConfigError as e:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from None
     try:
-        study = manager.start(cfg)
-    except RuntimeError as e:
+        snap = await run_in_threadpool(manager.submit, cfg)
+    except StudyLimitError as e:
         raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from None
-    return StudyPublic(**study.snapshot())
+    except StudiesUnavailable as e:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(e)) from None
+    return StudyPublic(**snap)
 
 
-@router.get("", response_model=StudyList)
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except StudiesUnavailable as e:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(e)) from None
+
+
+@router.get("", response_model=StudyList, responses=_ERRORS)
 def list_studies(manager: ManagerDep) -> StudyList:
-    return StudyList(studies=[StudyPublic(**s.snapshot()) for s in manager.list()])
+    return StudyList(studies=[StudyPublic(**s) for s in _call(manager.statuses)])
 
 
 @router.get("/{study_id}", response_model=StudyPublic, responses=_ERRORS)
 def get_study(study_id: str, manager: ManagerDep) -> StudyPublic:
-    study = manager.get(study_id)
-    if study is None:
+    snap = _call(manager.status, study_id)
+    if snap is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, STUDY_NOT_FOUND.format(id=study_id))
-    return StudyPublic(**study.snapshot())
+    return StudyPublic(**snap)
 
 
 @router.delete("/{study_id}", response_model=StudyPublic, status_code=status.HTTP_202_ACCEPTED, responses=_ERRORS)
 def stop_study(study_id: str, _: TokenDep, manager: ManagerDep) -> StudyPublic:
     """Stop a study: the trainer publishes a last checkpoint, then everything it started ends."""
-    study = manager.get(study_id)
-    if study is None:
+    snap = _call(manager.cancel, study_id)
+    if snap is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, STUDY_NOT_FOUND.format(id=study_id))
-    study.stop()
-    return StudyPublic(**study.snapshot())
+    return StudyPublic(**snap)

@@ -17,5 +17,7 @@ def healthz(request: Request, hub: HubDep) -> Health:
 
 
 @router.get("/metrics", response_class=Response)
-def metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+def metrics(request: Request) -> Response:
+    # The process's own metrics (predictions), then the studies' figures read from their snapshots.
+    body = generate_latest() + generate_latest(request.app.state.study_registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

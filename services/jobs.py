@@ -1,0 +1,110 @@
+"""Studies as Ray jobs: the gateway submits them to a Ray cluster's job API and follows them.
+
+Each job runs ``surge train`` on the cluster with the study config in its environment; the
+job's driver writes progress snapshots next to the models (a volume the gateway shares), so
+the gateway answers ``GET /v1/studies/{id}`` and exports the study's metrics without holding
+a Ray connection — it keeps serving models when the cluster is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import uuid
+from pathlib import Path
+from typing import Any
+
+from services.config import StudyConfig, parse_config
+from services.metrics import PROGRESS_DIR
+from services.study import StudiesUnavailable, pending_snapshot
+
+CONFIG_ENV = "SURGE_STUDY_CONFIG"
+_JOB_STATES = {
+    "PENDING": "starting",
+    "RUNNING": "running",
+    "SUCCEEDED": "finished",
+    "STOPPED": "stopped",
+    "FAILED": "failed",
+}
+
+
+class RayJobStudies:
+    """The gateway's study backend on a Ray cluster (``SURGE_RAY_ADDRESS``, the job API's http address)."""
+
+    def __init__(self, address: str, store: str | Path) -> None:
+        self.address = address
+        self.store = Path(store)
+
+    def _client(self) -> Any:
+        from ray.job_submission import JobSubmissionClient
+
+        try:
+            return JobSubmissionClient(self.address)
+        except Exception as e:  # ConnectionError, or the cluster answering something else
+            raise StudiesUnavailable(f"cannot reach the Ray cluster's job API at {self.address}: {e}") from None
+
+    def submit(self, config: StudyConfig) -> dict[str, Any]:
+        client = self._client()
+        study_id = f"{config.name}-{uuid.uuid4().hex[:8]}"
+        entrypoint = (
+            f"surge train --config-env {CONFIG_ENV} --study-id {shlex.quote(study_id)} "
+            f"--store {shlex.quote(str(self.store))}"
+        )
+        try:
+            client.submit_job(
+                entrypoint=entrypoint,
+                submission_id=study_id,
+                runtime_env={"env_vars": {CONFIG_ENV: config.model_dump_json()}},
+                metadata={"surge_study": config.name, "surge_config": config.model_dump_json()},
+            )
+        except Exception as e:
+            raise StudiesUnavailable(f"the Ray cluster refused the study: {e}") from None
+        return pending_snapshot(study_id, config, "starting")
+
+    def _snapshot_file(self, study_id: str) -> dict[str, Any] | None:
+        f = self.store / PROGRESS_DIR / f"{study_id}.json"
+        try:
+            return json.loads(f.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _merge(self, job: Any) -> dict[str, Any] | None:
+        meta = job.metadata or {}
+        if "surge_config" not in meta:
+            return None  # not a study
+        study_id = job.submission_id
+        state = _JOB_STATES.get(str(job.status).rsplit(".", 1)[-1], "running")
+        snap = self._snapshot_file(study_id)
+        if snap is None:
+            error = job.message if state == "failed" else None
+            return pending_snapshot(study_id, parse_config(json.loads(meta["surge_config"])), state, error)
+        # The job's status wins when the driver could not report its own end (killed, crashed).
+        if state in ("failed", "stopped") and snap.get("state") in ("starting", "running"):
+            snap = {**snap, "state": state, "error": snap.get("error") or job.message}
+        return snap
+
+    def status(self, study_id: str) -> dict[str, Any] | None:
+        client = self._client()
+        try:
+            job = client.get_job_info(study_id)
+        except RuntimeError:  # the job API's way of saying "no such job"
+            return None
+        except Exception as e:
+            raise StudiesUnavailable(f"cannot reach the Ray cluster's job API at {self.address}: {e}") from None
+        return self._merge(job)
+
+    def statuses(self) -> list[dict[str, Any]]:
+        try:
+            jobs = self._client().list_jobs()
+        except StudiesUnavailable:
+            raise
+        except Exception as e:
+            raise StudiesUnavailable(f"cannot reach the Ray cluster's job API at {self.address}: {e}") from None
+        return [s for j in jobs if (s := self._merge(j)) is not None]
+
+    def cancel(self, study_id: str) -> dict[str, Any] | None:
+        snap = self.status(study_id)
+        if snap is None:
+            return None
+        self._client().stop_job(study_id)
+        return snap
