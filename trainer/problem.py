@@ -50,7 +50,9 @@ class ProblemSpec:
         if not self.times or self.times[0] != 0.0:
             raise ValueError("problem times must start at 0")
         if not self.outputs:
-            object.__setattr__(self, "outputs", tuple(f for f in self.fields if f not in self.inputs))
+            # Predict what is not an input; an evolution operator (u(0) -> u(T)) predicts its input fields later.
+            rest = tuple(f for f in self.fields if f not in self.inputs)
+            object.__setattr__(self, "outputs", rest or self.inputs)
         for role, names in (("inputs", self.inputs), ("outputs", self.outputs)):
             unknown = [n for n in names if n not in self.fields]
             if unknown:

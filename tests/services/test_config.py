@@ -81,3 +81,48 @@ def test_simulation_seeds_depend_only_on_id() -> None:
     b = simulation_seeds(7, np.array([3, 2, 1]))
     assert list(a) == list(b[::-1])
     assert len(set(simulation_seeds(7, np.arange(100)))) == 100
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"problem": {"solver": "burgers1d", "config": {"resolution": 1000}, "kind": "operator", "inputs": ["u"]}},
+            "burgers1d.resolution",
+        ),
+        (
+            {"problem": {"solver": "advection1d", "kind": "operator", "inputs": ["u"], "bounds": {"beta": [0.0, 9.0]}}},
+            "bounds.beta: [0.0, 9.0] must be a non-empty interval inside [0.1, 4.0]",
+        ),
+        ({"problem": {"solver": "advection1d", "bounds": {"gamma": [1, 2]}}}, "unknown parameter(s) ['gamma']"),
+        ({"problem": {"solver": "darcy2d", "kind": "operator", "inputs": ["k"]}}, "unknown field(s) ['k']"),
+        ({"problem": {"solver": "darcy2d"}}, "a parametric problem needs a solver that records at least two times"),
+        ({"problem": {"solver": "ns2d", "config": {"dt": 0.01}}}, "ns2d.dt"),
+    ],
+)
+def test_problem_settings_are_checked_before_anything_runs(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(data)
+    assert message in str(e.value)
+
+
+def test_bounds_narrow_the_card_parameters() -> None:
+    cfg = parse_config(
+        {"problem": {"solver": "advection1d", "kind": "operator", "inputs": ["u"], "bounds": {"beta": [0.5, 1.0]}}}
+    )
+    assert cfg.problem.spec().params.low == (0.5,) and cfg.problem.spec().params.high == (1.0,)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_config_builds_its_model(path: Path) -> None:
+    import torch
+
+    from trainer.models import build_model
+
+    cfg = load_config(path)
+    spec = cfg.problem.spec()
+    t = cfg.training
+    model = build_model(t.model, spec.in_channels, len(spec.outputs), spec.grid, field_input=spec.field_input, **t.arch)
+    with torch.no_grad():
+        out = model(torch.zeros(2, *spec.in_shape))
+    assert tuple(out.shape) == (2, *spec.out_shape)

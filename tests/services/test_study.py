@@ -116,3 +116,38 @@ def test_reservoir_study_trains_for_its_step_budget(tmp_path) -> None:
     assert snap["samples"]["consumed"] >= 60 * 32
     assert ModelStore(tmp_path).versions("heat2d") == [1, 2]
     study.release()
+
+
+def test_operator_study_learns_burgers_with_an_fno(tmp_path) -> None:
+    # u(x, 0) -> u(x, 1) for viscous Burgers, one sample per simulation, an FNO on 64 points.
+    cfg = {
+        "name": "burgers",
+        "problem": {
+            "solver": "burgers1d",
+            "config": {"n_fine": 256, "resolution": 64, "snapshots": 2},
+            "kind": "operator",
+            "inputs": ["u"],
+        },
+        "simulations": 100_000,
+        "solvers": {"actors": 1, "sims_per_call": 16, "chunk_steps": 1},
+        "buffer": {"policy": "reservoir", "capacity": 2000, "watermark": 100},
+        "training": {
+            "model": "fno",
+            "arch": {"modes": 12, "width": 16, "layers": 2},
+            "batch_size": 16,
+            "steps": 300,
+            "lr": 3e-3,
+            "validate_every": 50,
+            "validation_simulations": 16,
+        },
+    }
+    study = _run(cfg, tmp_path)
+    snap = study.snapshot()
+    assert snap["state"] == "finished", snap["error"]
+    hist = [e for _, e in snap["training"]["history"]]
+    assert hist[-1] < 0.5 * hist[0], hist
+    got = study.received_by_sim()
+    assert set(got.values()) == {1}  # one (u0, uT) pair per simulation, each once
+    card = ModelStore(tmp_path).card("burgers1d")
+    assert card["problem"]["kind"] == "operator" and card["input_shape"] == [1, 64]
+    study.release()
