@@ -441,6 +441,10 @@ class Burgers1D:
         for k, state in enumerate(self._run(u0)):
             yield k, np.ascontiguousarray(state[:, None, ::r], dtype=np.float32)
 
+    def work_per_simulation(self) -> int:
+        """Grid-point updates of one simulation: fine-grid points times ETDRK4 steps (6 refine the initial layer)."""
+        return int(self._config.n_fine * (self._config.snapshots * self._config.substeps + 6))
+
     def solve(self, params: np.ndarray, seeds: np.ndarray) -> np.ndarray:
         """``params [B, 0]``, ``seeds [B]`` -> trajectories ``[B, snapshots+1, 1, resolution]`` float32."""
         u0 = self._initial(params, seeds)

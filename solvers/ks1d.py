@@ -402,6 +402,13 @@ class KS1D:
         for k, state in enumerate(self._run(u0, burn_in=True)):
             yield k, np.ascontiguousarray(state[:, None], dtype=np.float32)
 
+    def work_per_simulation(self) -> int:
+        """Grid-point updates of one simulation: grid points times ETDRK4 steps, burn-in included."""
+        return int(
+            self._config.resolution
+            * (self._config.burn_in_steps + self._config.snapshots * self._config.steps_per_record)
+        )
+
     def solve(self, params: np.ndarray, seeds: np.ndarray) -> np.ndarray:
         """``params [B, 0]``, ``seeds [B]`` -> trajectories ``[B, snapshots+1, 1, n]`` float32, C-contiguous."""
         u0 = self._initial(params, seeds)

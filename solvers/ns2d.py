@@ -389,6 +389,10 @@ class NS2D:
         for k, w in enumerate(self._run(w0, True)):
             yield k, np.ascontiguousarray(w[:, None, ::r, ::r], dtype=np.float32)
 
+    def work_per_simulation(self) -> int:
+        """Grid-point updates of one simulation: solve-grid points times time steps."""
+        return int(self._config.n_solve**2 * self._config.records * self._config.steps_per_record)
+
     def solve(self, params: np.ndarray, seeds: np.ndarray) -> np.ndarray:
         """``params [B, 0]``, ``seeds [B]`` -> trajectories ``[B, records+1, 1, res, res]`` float32, C-contiguous."""
         w0 = self._initial(params, seeds)

@@ -266,6 +266,10 @@ class ReactionDiffusion1D:
         for k, state in enumerate(self._run(np, u0, nu, rho)):
             yield k, np.ascontiguousarray(state[:, None], dtype=np.float32)
 
+    def work_per_simulation(self) -> int:
+        """Grid-point updates of one simulation: grid points times Strang steps."""
+        return int(self._config.resolution * self._config.snapshots * self._config.substeps)
+
     def solve(self, params: np.ndarray, seeds: np.ndarray) -> np.ndarray:
         """``params [B, 2]`` (nu, rho), ``seeds [B]`` -> ``[B, snapshots+1, 1, resolution]`` float32, C-contiguous."""
         u0, nu, rho = self._inputs(params, seeds)
