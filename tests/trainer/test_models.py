@@ -10,7 +10,13 @@ from trainer.models import MODELS, available, build_model
 from trainer.store import ModelStore
 
 GRID = (16, 16)
-SMALL = {"mlp": {"hidden": 32, "layers": 2}, "fno": {"modes": 4, "width": 8, "layers": 2}}
+SMALL = {
+    "mlp": {"hidden": 32, "layers": 2},
+    "fno": {"modes": 4, "width": 8, "layers": 2},
+    "tfno": {"modes": 4, "width": 8, "layers": 2},
+    "unet": {"width": 8, "depth": 2},
+    "deeponet": {"hidden": 32, "layers": 2, "basis": 16},
+}
 
 
 def test_every_model_has_a_small_config() -> None:
@@ -18,10 +24,15 @@ def test_every_model_has_a_small_config() -> None:
 
 
 @pytest.mark.parametrize("name", available())
-def test_forward_shape(name: str) -> None:
-    model = build_model(name, 6, 2, GRID, **SMALL[name])
-    out = model(torch.randn(3, 6))
-    assert out.shape == (3, 2, *GRID)
+@pytest.mark.parametrize("grid", [(16, 16), (13, 10), (32,), (85,)], ids=str)
+@pytest.mark.parametrize("field_input", [False, True], ids=["vector-in", "field-in"])
+def test_forward_shape(name: str, grid: tuple[int, ...], field_input: bool) -> None:
+    # Parametric problems feed vectors (B, F); operator problems feed fields (B, F, *grid); odd grids too.
+    model = build_model(name, 3, 2, grid, field_input=field_input, **SMALL[name])
+    x = torch.randn(4, 3, *grid) if field_input else torch.randn(4, 3)
+    out = model(x)
+    assert out.shape == (4, 2, *grid)
+    assert torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("name", available())
