@@ -107,8 +107,8 @@ def train_worker(config: dict[str, Any]) -> None:
     startup_wait = time.perf_counter() - t_start
     if first is None:
         return
-    # Scalings from the first batch of the stream, fixed from then on and saved in the card.
-    norm = Normaliser.fit(first[1].cpu().numpy(), first[0].cpu().numpy() if spec.field_input else None)
+    # Scalings from running statistics of the stream's first `norm_steps` batches, then fixed (saved in the card).
+    norm = Normaliser()
 
     def stream() -> Iterator[Any]:
         yield first
@@ -158,6 +158,8 @@ def train_worker(config: dict[str, Any]) -> None:
         validate=lambda: evaluate(model, x_val, y_val, norm),
         on_progress=progress,
         on_validate=on_validate,
+        norm_steps=int(config.get("norm_steps", 100)),
+        field_input=spec.field_input,
     )
     if rank == 0:
         ray.get(buffer.report_training.remote({"finished": True}))

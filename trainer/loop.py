@@ -38,6 +38,43 @@ class Normaliser:
             norm.x_std = tuple(float(v) if v > 1e-12 else 1.0 for v in xs)
         return norm
 
+    count: int = 0
+    _y_m2: float = 0.0
+    _x_sum: np.ndarray | None = None
+    _x_sq: np.ndarray | None = None
+
+    def update(self, x: np.ndarray | None, y: np.ndarray) -> None:
+        """Fold a batch into running means and variances (Chan et al.'s pairwise update): online statistics
+        over the stream, no pass over a dataset needed. ``x`` is ``[B, C, *grid]`` field inputs or None."""
+        n = int(y.shape[0])
+        if n == 0:
+            return
+        per = y.size // n
+        bm, bv = float(np.mean(y)), float(np.var(y))
+        tot = self.count + n
+        if self.count == 0:
+            self.mean, self._y_m2 = bm, bv * y.size
+        else:
+            delta = bm - self.mean
+            na, nb = self.count * per, y.size
+            self.mean += delta * nb / (na + nb)
+            self._y_m2 += bv * nb + delta**2 * na * nb / (na + nb)
+        std = float(np.sqrt(self._y_m2 / (tot * per)))
+        self.std = std if std > 1e-12 else 1.0
+        if x is not None:
+            axes = (0, *range(2, x.ndim))
+            cells = x.size // x.shape[1]
+            s1, s2 = np.sum(x, axis=axes, dtype=np.float64), np.sum(np.square(x, dtype=np.float64), axis=axes)
+            self._x_sum = s1 if self._x_sum is None else self._x_sum + s1
+            self._x_sq = s2 if self._x_sq is None else self._x_sq + s2
+            cnt = cells * tot / n  # cells per channel over everything seen
+            m = self._x_sum / cnt
+            v = np.maximum(self._x_sq / cnt - m**2, 0.0)
+            self.x_mean = tuple(float(a) for a in m)
+            # A constant channel (a fixed parameter, say) is centred but not scaled.
+            self.x_std = tuple(float(np.sqrt(a)) if a > 1e-24 else 1.0 for a in v)
+        self.count = tot
+
     def encode_x(self, x: torch.Tensor) -> torch.Tensor:
         if self.x_mean is None or self.x_std is None:
             return x
@@ -139,10 +176,13 @@ def run_loop(
     on_progress: Callable[[LoopStats], None] | None = None,
     on_validate: Callable[[LoopStats], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    norm_steps: int = 0,
+    field_input: bool = False,
 ) -> LoopStats:
     """Run ``steps`` optimiser steps over ``batches``; validate (and let the caller checkpoint) every K steps.
 
     The batch iterator may yield ``None`` at the end of the stream; the loop then validates once more and stops.
+    During the first ``norm_steps`` steps every batch also updates ``norm``'s running statistics.
     """
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     stats = LoopStats()
@@ -157,6 +197,9 @@ def run_loop(
         if batch is None:
             break
         x, y = batch
+        if stats.step < norm_steps:
+            # The first steps refine the normalisation statistics from the stream itself, then they are frozen.
+            norm.update(x.detach().cpu().numpy() if field_input else None, y.detach().cpu().numpy())
         stats.loss = train_step(model, opt, x, y, norm, lr_at(stats.step, lr, steps, warmup))
         stats.compute_s += time.perf_counter() - t1
         stats.step += 1

@@ -90,3 +90,26 @@ def test_run_loop_stops_at_end_of_stream() -> None:
     )
     assert stats.step == 2
     assert stats.history == [(2, 0.5)]  # validated once more at the end of the stream
+
+
+def test_running_normaliser_matches_the_statistics_of_everything_seen() -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    norm = Normaliser()
+    xs, ys = [], []
+    for k in range(7):  # batches of different sizes and scales
+        x = rng.normal(3.0 + k, 2.0, size=(5 + k, 2, 4, 3))
+        x[:, 1] = 7.0  # a constant channel
+        y = rng.normal(-1.0, 0.5 + k, size=(5 + k, 1, 4, 3))
+        norm.update(x, y)
+        xs.append(x)
+        ys.append(y)
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    assert norm.mean == pytest.approx(y.mean(), rel=1e-9)
+    assert norm.std == pytest.approx(y.std(), rel=1e-9)
+    assert norm.x_mean[0] == pytest.approx(x[:, 0].mean(), rel=1e-9)
+    assert norm.x_std[0] == pytest.approx(x[:, 0].std(), rel=1e-9)
+    assert norm.x_mean[1] == pytest.approx(7.0) and norm.x_std[1] == 1.0
+    again = Normaliser.from_dict(norm.to_dict())
+    assert again.x_mean == norm.x_mean and again.std == norm.std
