@@ -17,6 +17,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from trainer.dataset import Dataset
 from trainer.loop import LoopStats, Normaliser, evaluate, make_card, run_loop
 from trainer.models import build_model
 from trainer.problem import ProblemSpec
@@ -99,9 +100,14 @@ def train_worker(config: dict[str, Any]) -> None:
     x_val = torch.from_numpy(np.array(x_val_np)).view(n_val, *spec.in_shape).to(device)
     y_val = torch.from_numpy(np.array(y_val_np)).view(n_val, *spec.out_shape).to(device)
 
-    batches = _agreed(
-        buffer_batches(buffer, config["batch_size"], device, spec.in_shape, spec.out_shape), world, device
-    )
+    if config.get("dataset"):
+        # Offline: cycle over a zarr dataset (epochs), everything else as online.
+        ds = Dataset(config["dataset"])
+        ds.check_compatible(spec)
+        source: Iterator[Any] = ds.epochs(config["batch_size"], seed=int(config.get("seed", 0)) + rank, device=device)
+    else:
+        source = buffer_batches(buffer, config["batch_size"], device, spec.in_shape, spec.out_shape)
+    batches = _agreed(source, world, device)
     t_start = time.perf_counter()
     first = next(batches, None)  # blocks until the buffer reaches its watermark
     startup_wait = time.perf_counter() - t_start
