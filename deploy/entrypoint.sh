@@ -2,10 +2,11 @@
 # One entry point per role; docker compose, the Helm chart and the cluster test all run these.
 #   entrypoint.sh ray-head     Ray head node: GCS, job API (dashboard) and metrics export
 #   entrypoint.sh ray-worker   Ray worker node joining $RAY_HEAD_ADDRESS (host:port of the GCS)
-#   entrypoint.sh gateway      the REST gateway; submits studies as Ray jobs to $SURGE_RAY_ADDRESS
+#   entrypoint.sh gateway      the REST gateway; submits studies as Ray jobs to $SURGE_RAY_JOBS_ADDRESS
 # Settings come from the environment (defaults in brackets):
 #   RAY_GCS_PORT [6379] RAY_DASHBOARD_PORT [8265] RAY_METRICS_PORT [8080] RAY_NUM_CPUS [all] RAY_NUM_GPUS [all]
-#   RAY_NODE_IP [auto] RAY_TEMP_DIR [Ray's]  SURGE_HOST [0.0.0.0] SURGE_PORT [8000] SURGE_STORE [/models]
+#   RAY_NODE_IP [auto] RAY_TEMP_DIR [Ray default]  SURGE_HOST [0.0.0.0] SURGE_PORT [8000] SURGE_STORE [/models]
+# Ray's token authentication: every node and the gateway get the same RAY_AUTH_TOKEN (RAY_AUTH_MODE=token).
 set -euo pipefail
 role="${1:-}"
 shift || true
@@ -25,7 +26,7 @@ case "$role" in
       "${ray_common[@]}" "$@"
     ;;
   ray-worker)
-    : "${RAY_HEAD_ADDRESS:?set RAY_HEAD_ADDRESS to the head's GCS address, e.g. ray-head:6379}"
+    : "${RAY_HEAD_ADDRESS:?set RAY_HEAD_ADDRESS to the GCS address of the head, e.g. ray-head:6379}"
     exec ray start --block --address="$RAY_HEAD_ADDRESS" "${ray_common[@]}" "$@"
     ;;
   gateway)

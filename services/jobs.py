@@ -29,7 +29,7 @@ _JOB_STATES = {
 
 
 class RayJobStudies:
-    """The gateway's study backend on a Ray cluster (``SURGE_RAY_ADDRESS``, the job API's http address)."""
+    """The gateway's study backend on a Ray cluster (``SURGE_RAY_JOBS_ADDRESS``, the job API's http address)."""
 
     def __init__(self, address: str, store: str | Path) -> None:
         self.address = address

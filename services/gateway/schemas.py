@@ -78,6 +78,7 @@ class StudyPublic(BaseModel):
     state: str
     error: str | None
     device: str
+    nodes: dict[str, list[str]] = Field(default_factory=dict, description="Ray node ids that ran solvers and trainers")
     elapsed_s: float
     simulations: dict[str, int]
     samples: dict[str, float]
