@@ -166,6 +166,10 @@ def train_worker(config: dict[str, Any]) -> None:
         on_validate=on_validate,
         norm_steps=int(config.get("norm_steps", 100)),
         field_input=spec.field_input,
+        loss=config.get("loss", "rel_l2"),
+        schedule=config.get("schedule", "cosine"),
+        decay_every=int(config.get("decay_every", 0)),
+        decay_gamma=float(config.get("decay_gamma", 0.5)),
     )
     if rank == 0:
         ray.get(buffer.report_training.remote({"finished": True}))

@@ -111,12 +111,34 @@ def rel_l2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (diff / ref).mean()
 
 
-def lr_at(step: int, base_lr: float, total_steps: int, warmup: int = 0, min_ratio: float = 0.05) -> float:
-    """Linear warm-up then cosine decay to ``min_ratio * base_lr``."""
+def lr_at(
+    step: int,
+    base_lr: float,
+    total_steps: int,
+    warmup: int = 0,
+    min_ratio: float = 0.05,
+    schedule: str = "cosine",
+    decay_every: int = 0,
+    decay_gamma: float = 0.5,
+) -> float:
+    """Linear warm-up, then cosine decay to ``min_ratio * base_lr`` (``schedule="cosine"``) or a factor
+    ``decay_gamma`` every ``decay_every`` steps (``"step"``, the FNO paper's StepLR)."""
     if warmup > 0 and step < warmup:
         return base_lr * (step + 1) / warmup
+    if schedule == "step":
+        return base_lr * decay_gamma ** ((step - warmup) // max(1, decay_every))
+    if schedule != "cosine":
+        raise ValueError(f"schedule must be 'cosine' or 'step', got {schedule!r}")
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over every value."""
+    return torch.mean((pred - target) ** 2)
+
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"rel_l2": rel_l2, "mse": mse}
 
 
 def train_step(
@@ -126,13 +148,14 @@ def train_step(
     y: torch.Tensor,
     norm: Normaliser,
     lr: float,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = rel_l2,
 ) -> float:
-    """One optimiser step on a batch; returns the loss (relative L2 in physical units)."""
+    """One optimiser step on a batch; returns the loss (in physical units, relative L2 by default)."""
     for g in opt.param_groups:
         g["lr"] = lr
     model.train()
     pred = norm.decode(model(norm.encode_x(x)))  # (B, C, *grid)
-    loss = rel_l2(pred, y.view_as(pred))
+    loss = loss_fn(pred, y.view_as(pred))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -178,6 +201,10 @@ def run_loop(
     should_stop: Callable[[], bool] | None = None,
     norm_steps: int = 0,
     field_input: bool = False,
+    loss: str = "rel_l2",
+    schedule: str = "cosine",
+    decay_every: int = 0,
+    decay_gamma: float = 0.5,
 ) -> LoopStats:
     """Run ``steps`` optimiser steps over ``batches``; validate (and let the caller checkpoint) every K steps.
 
@@ -200,7 +227,8 @@ def run_loop(
         if stats.step < norm_steps:
             # The first steps refine the normalisation statistics from the stream itself, then they are frozen.
             norm.update(x.detach().cpu().numpy() if field_input else None, y.detach().cpu().numpy())
-        stats.loss = train_step(model, opt, x, y, norm, lr_at(stats.step, lr, steps, warmup))
+        rate = lr_at(stats.step, lr, steps, warmup, schedule=schedule, decay_every=decay_every, decay_gamma=decay_gamma)
+        stats.loss = train_step(model, opt, x, y, norm, rate, LOSSES[loss])
         stats.compute_s += time.perf_counter() - t1
         stats.step += 1
         stats.samples_seen += x.shape[0]

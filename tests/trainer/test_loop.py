@@ -113,3 +113,14 @@ def test_running_normaliser_matches_the_statistics_of_everything_seen() -> None:
     assert norm.x_mean[1] == pytest.approx(7.0) and norm.x_std[1] == 1.0
     again = Normaliser.from_dict(norm.to_dict())
     assert again.x_mean == norm.x_mean and again.std == norm.std
+
+
+def test_step_schedule_halves_every_interval_and_mse() -> None:
+    assert lr_at(0, 1e-3, 1000, schedule="step", decay_every=100) == pytest.approx(1e-3)
+    assert lr_at(99, 1e-3, 1000, schedule="step", decay_every=100) == pytest.approx(1e-3)
+    assert lr_at(250, 1e-3, 1000, schedule="step", decay_every=100) == pytest.approx(2.5e-4)
+    with pytest.raises(ValueError, match="schedule"):
+        lr_at(0, 1.0, 10, schedule="linear")
+    from trainer.loop import mse
+
+    assert float(mse(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 0.0]))) == pytest.approx(5.0)
