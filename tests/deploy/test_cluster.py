@@ -68,6 +68,9 @@ class Procs:
         self.procs.append((name, p))
         return p
 
+    def exited(self, name: str) -> bool:
+        return any(n == name and p.poll() is not None for n, p in self.procs)
+
     def tail(self, name: str, n: int = 30) -> str:
         lines = (self.logs / f"{name}.log").read_text(errors="replace").splitlines()
         return "\n".join(lines[-n:])
@@ -99,6 +102,8 @@ def _wait(what: str, check, timeout: float, procs: Procs, log: str):
                 return last
         except (httpx.HTTPError, OSError, ValueError) as e:
             last = e
+        if procs.exited(log):
+            pytest.fail(f"{log} exited while waiting for {what}\n--- {log} log ---\n{procs.tail(log)}")
         time.sleep(1)
     pytest.fail(f"{what} not within {timeout} s (last: {last!r})\n--- {log} log ---\n{procs.tail(log)}")
 
@@ -111,7 +116,8 @@ def cluster(tmp_path_factory) -> Iterator[dict]:
     tmp = tmp_path_factory.mktemp("cluster")
     store = tmp / "models"
     store.mkdir()
-    ports = {k: _port() for k in ("gcs", "dashboard", "head_metrics", "worker_metrics", "gateway", "prometheus")}
+    names = ("gcs", "dashboard", "client", "head_metrics", "worker_metrics", "gateway", "prometheus")
+    ports = {k: _port() for k in names}
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -131,13 +137,16 @@ def cluster(tmp_path_factory) -> Iterator[dict]:
             "RAY_NODE_IP": "127.0.0.1",
             "RAY_TEMP_DIR": str(tmp / "ray"),
         }
-        procs.start("ray-head", ["bash", str(ENTRYPOINT), "ray-head"], head_env)
+        # Extra arguments pass through to `ray start`: a free port for Ray's client server, which compose
+        # and Helm leave at its default.
+        head_cmd = ["bash", str(ENTRYPOINT), "ray-head", f"--ray-client-server-port={ports['client']}"]
+        procs.start("ray-head", head_cmd, head_env)
         jobs = f"http://127.0.0.1:{ports['dashboard']}"
         headers = {"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"}
         _wait(
             "the head's job API",
             lambda: httpx.get(f"{jobs}/api/version", headers=headers).status_code == 200,
-            90,
+            180,
             procs,
             "ray-head",
         )
