@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from services.metrics import PROGRESS_DIR
 from services.study import StudiesUnavailable, pending_snapshot
 
 CONFIG_ENV = "SURGE_STUDY_CONFIG"
+SUBMIT_PATIENCE_S = 30.0
 _JOB_STATES = {
     "PENDING": "starting",
     "RUNNING": "running",
@@ -50,15 +52,22 @@ class RayJobStudies:
             f"surge train --config-env {CONFIG_ENV} --study-id {shlex.quote(study_id)} "
             f"--store {shlex.quote(str(self.store))}"
         )
-        try:
-            client.submit_job(
-                entrypoint=entrypoint,
-                submission_id=study_id,
-                runtime_env={"env_vars": {CONFIG_ENV: config.model_dump_json()}},
-                metadata={"surge_study": config.name, "surge_config": config.model_dump_json()},
-            )
-        except Exception as e:
-            raise StudiesUnavailable(f"the Ray cluster refused the study: {e}") from None
+        deadline = time.monotonic() + SUBMIT_PATIENCE_S
+        while True:
+            try:
+                client.submit_job(
+                    entrypoint=entrypoint,
+                    submission_id=study_id,
+                    runtime_env={"env_vars": {CONFIG_ENV: config.model_dump_json()}},
+                    metadata={"surge_study": config.name, "surge_config": config.model_dump_json()},
+                )
+                break
+            except Exception as e:
+                # A head that has just started answers "no available agent ... try again later" for a while.
+                if "try again later" in str(e) and time.monotonic() < deadline:
+                    time.sleep(1.0)
+                    continue
+                raise StudiesUnavailable(f"the Ray cluster refused the study: {e}") from None
         return pending_snapshot(study_id, config, "starting")
 
     def _snapshot_file(self, study_id: str) -> dict[str, Any] | None:
