@@ -31,6 +31,13 @@ def render_progress(snap: dict[str, Any]) -> Any:
     table.add_column()
     table.add_row("simulations", f"{s['done']} done / {s['dispatched']} assigned / {s['budget']} budget")
     table.add_row("samples/s", f"produced {sm['produced_per_s']:,.0f}   consumed {sm['consumed_per_s']:,.0f}")
+    if ing := snap.get("ingest"):
+        table.add_row(
+            "external",
+            f"{s.get('external_done', 0)} sims, {sm.get('produced_external', 0):,} samples, "
+            f"{ing['streams']} streams, staged {ing['staged_bytes'] / 2**20:.0f}"
+            f"/{ing['max_staged_bytes'] / 2**20:.0f} MiB",
+        )
     fill = b["held"] / max(1, b["capacity"])
     table.add_row("buffer", f"{b['held']:,} / {b['capacity']:,} ({fill:.0%}, {b['policy']})")
     table.add_row("training", f"step {tr['step']:,} / {tr['steps']:,}   loss {_fmt(tr['loss'])}")
@@ -63,6 +70,26 @@ def init_ray(cpus: int | None, address: str | None = None) -> None:
         ray.init(num_cpus=cpus or max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
 
 
+def _grpc_port(args: argparse.Namespace) -> int | None:
+    """``--grpc-port``, else ``$SURGE_GRPC_PORT``, else None (no gRPC predictions)."""
+    if args.grpc_port is not None:
+        return int(args.grpc_port)
+    v = os.environ.get("SURGE_GRPC_PORT")
+    return int(v) if v else None
+
+
+def _serve_grpc(args: argparse.Namespace, settings: Any, hub: Any) -> Any:
+    """The gRPC server (Predict, plus Ingest/Study for the studies of this process) on --grpc-port, or None."""
+    port = _grpc_port(args)
+    if port is None:
+        return None
+    from services.ingest.server import serve
+
+    srv = serve(args.host, port, token=settings.api_token, max_message_bytes=settings.max_body_bytes)
+    srv.serve_predictions(hub, settings.max_predict_rows)
+    return srv
+
+
 def _load(path: str | None) -> StudyConfig:
     try:
         return load_config(path or DEFAULT_CONFIG)
@@ -88,12 +115,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     token = os.environ.get("SURGE_API_TOKEN") or secrets.token_urlsafe(24)
     settings = GatewaySettings.from_env(store=Path(args.store), api_token=token)
     init_ray(args.cpus, args.address)
-    manager = StudyManager(settings.store, settings.max_running_studies)
+    manager = StudyManager(settings.store, settings.max_running_studies, ingest_token=token)
     app = create_app(settings, manager)
+    try:
+        grpc_server = _serve_grpc(args, settings, app.state.hub)
+    except OSError as e:
+        console.print(f"[red]surge: {e}; pass --grpc-port[/red]")
+        return 2
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
     threading.Thread(target=server.run, name="gateway", daemon=True).start()
     study = manager.start(cfg)
     console.print(f"gateway on http://{args.host}:{args.port}  (API token for /v1/studies: {token})")
+    if grpc_server is not None:
+        console.print(f"gRPC predictions on {grpc_server.address}")
+    if cfg.ingest.enabled:
+        console.print(f"external solvers: study [bold]{study.id}[/bold] takes them over gRPC on port {cfg.ingest.port}")
     console.print(f"model [bold]{cfg.served_name}[/bold] is served from {settings.store.resolve()} as it trains")
     try:
         with Live(render_progress(study.snapshot()), console=console, refresh_per_second=2) as live:
@@ -114,6 +150,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         manager.stop_all(timeout=30)
         server.should_exit = True
+        if grpc_server is not None:
+            from services.ingest.server import release
+
+            release(grpc_server)
         import ray
 
         ray.shutdown()
@@ -137,8 +177,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from services.study import StudyManager
 
         init_ray(None, args.address)
-        manager = StudyManager(settings.store, settings.max_running_studies)
-    uvicorn.run(create_app(settings, manager), host=args.host, port=args.port, log_level="info")
+        manager = StudyManager(settings.store, settings.max_running_studies, ingest_token=settings.api_token)
+    app = create_app(settings, manager)
+    try:
+        _serve_grpc(args, settings, app.state.hub)
+    except OSError as e:
+        print(f"surge: {e}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
 
@@ -227,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--host", default="127.0.0.1")
     r.add_argument("--port", type=int, default=8000)
     r.add_argument("--exit-when-done", action="store_true", help="exit when the study ends")
+    r.add_argument("--grpc-port", type=int, default=None, help="serve predictions over gRPC too ($SURGE_GRPC_PORT)")
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("serve", help="the gateway alone (studies need --jobs-address or --address)")
@@ -239,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--address", default=None, help="Ray cluster for studies run inside the gateway's process")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--grpc-port", type=int, default=None, help="serve predictions over gRPC too ($SURGE_GRPC_PORT)")
     s.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("train", help="run a study without the gateway (what a study's Ray job runs)")

@@ -96,7 +96,7 @@ class SamplerConfig(_Strict):
 
 
 class SolverActorsConfig(_Strict):
-    actors: int = Field(1, ge=1, le=256, description="number of solver actors")
+    actors: int = Field(1, ge=0, le=256, description="solver actors (0: only external solvers feed the study)")
     sims_per_call: int = Field(8, ge=1, le=4096, description="simulations solved together in one batched call")
     chunk_steps: int = Field(10, ge=1, description="recorded steps gathered into one chunk sent to the buffer")
     num_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per solver actor")
@@ -143,6 +143,23 @@ class TrainingConfig(_Strict):
         return self
 
 
+class IngestConfig(_Strict):
+    """The gRPC server through which external solvers feed the study (``services/ingest``)."""
+
+    enabled: bool = False
+    host: str = Field("127.0.0.1", min_length=1, description="address to listen on (0.0.0.0: every interface)")
+    port: int = Field(50051, ge=0, le=65_535, description="port to listen on (0: any free port)")
+    max_message_mb: float = Field(64.0, gt=0, le=2047, description="largest gRPC message, e.g. one field chunk")
+    max_staged_mb: float = Field(
+        1024.0, gt=0, description="server memory for simulations staged until complete, over all streams"
+    )
+    max_simulations: int | None = Field(None, ge=1, description="external simulations at most (default: no limit)")
+    max_attempts: int = Field(3, ge=1, description="times a simulation is handed out before it is given up")
+    lease_s: float = Field(
+        600.0, gt=0, description="a simulation handed out but not streamed for this long is handed out again"
+    )
+
+
 class StudyConfig(_Strict):
     name: str = Field("study", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -152,6 +169,13 @@ class StudyConfig(_Strict):
     solvers: SolverActorsConfig = Field(default_factory=SolverActorsConfig)
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+
+    @model_validator(mode="after")
+    def _fed(self) -> StudyConfig:
+        if self.solvers.actors == 0 and not self.ingest.enabled:
+            raise ValueError("solvers.actors is 0 and ingest is not enabled: nothing would feed the study")
+        return self
 
     @property
     def served_name(self) -> str:

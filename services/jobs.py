@@ -9,6 +9,7 @@ a Ray connection — it keeps serving models when the cluster is gone.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import time
 import uuid
@@ -52,13 +53,17 @@ class RayJobStudies:
             f"surge train --config-env {CONFIG_ENV} --study-id {shlex.quote(study_id)} "
             f"--store {shlex.quote(str(self.store))}"
         )
+        env = {CONFIG_ENV: config.model_dump_json()}
+        # The study's gRPC ingest (external solvers) checks the same bearer token as this gateway.
+        if token := os.environ.get("SURGE_API_TOKEN"):
+            env["SURGE_API_TOKEN"] = token
         deadline = time.monotonic() + SUBMIT_PATIENCE_S
         while True:
             try:
                 client.submit_job(
                     entrypoint=entrypoint,
                     submission_id=study_id,
-                    runtime_env={"env_vars": {CONFIG_ENV: config.model_dump_json()}},
+                    runtime_env={"env_vars": env},
                     metadata={"surge_study": config.name, "surge_config": config.model_dump_json()},
                 )
                 break

@@ -36,7 +36,11 @@ MAX_STUDIES = 100  # newest snapshots exported; older studies drop out of the se
 
 # (metric name, help, path into the snapshot) for the per-study counters and gauges.
 _COUNTERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("surge_samples_produced", "Samples produced by the solvers", ("samples", "produced")),
+    (
+        "surge_samples_produced",
+        "Samples produced, by source (solver actors, external solvers)",
+        ("samples", "produced"),
+    ),
     ("surge_samples_consumed", "Samples handed to the trainer", ("samples", "consumed")),
     ("surge_samples_duplicate", "Samples dropped as already received (re-run simulations)", ("samples", "duplicates")),
     ("surge_buffer_evictions", "Samples evicted or discarded by the buffer", ("buffer", "evicted")),
@@ -44,6 +48,11 @@ _COUNTERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("surge_trainer_compute_seconds", "Time the trainer spent in optimiser steps", ("training", "compute_s")),
     ("surge_train_steps", "Optimiser steps taken", ("training", "step")),
 )
+# Counters split by a ``source`` label: every series carries one, so ``sum by (study)`` adds the sources up.
+# (name -> snapshot keys under "samples" per source); snapshots written before sources existed count as actors.
+_BY_SOURCE: dict[str, dict[str, str]] = {
+    "surge_samples_produced": {"actors": "produced_actors", "external": "produced_external"},
+}
 _GAUGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("surge_buffer_samples", "Samples held in the buffer", ("buffer", "held")),
     ("surge_buffer_capacity_samples", "Buffer capacity in samples", ("buffer", "capacity")),
@@ -83,6 +92,21 @@ def _get(snap: dict[str, Any], path: tuple[str, ...]) -> float | None:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
 
 
+def _by_source(name: str, doc: str, path: tuple[str, ...], snaps: list[dict[str, Any]]) -> CounterMetricFamily:
+    fam = CounterMetricFamily(name, doc, labels=["study", "source"])
+    keys = _BY_SOURCE[name]
+    for s in snaps:
+        total = _get(s, path)
+        if total is None:
+            continue
+        parts = {src: _get(s, (path[0], key)) for src, key in keys.items()}
+        if parts["actors"] is None:  # an older snapshot: no split, all from the actors
+            parts = {src: (total if src == "actors" else 0.0) for src in keys}
+        for src, v in parts.items():
+            fam.add_metric([s["id"], src], v or 0.0)
+    return fam
+
+
 class StudyCollector(Collector):
     """Exports every study's figures from its progress snapshot at scrape time."""
 
@@ -97,6 +121,9 @@ class StudyCollector(Collector):
                 sims.add_metric([s["id"], status], float(s.get("simulations", {}).get(status, 0)))
         yield sims
         for name, doc, path in _COUNTERS:
+            if name in _BY_SOURCE:
+                yield _by_source(name, doc, path, snaps)
+                continue
             fam = CounterMetricFamily(name, doc, labels=["study"])
             for s in snaps:
                 v = _get(s, path)

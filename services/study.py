@@ -2,7 +2,9 @@
 
 The driver assigns simulations by id (parameters and seed fixed per id), keeps every
 solver actor busy with a bounded number of calls in flight, closes the buffer when the
-simulation budget is spent, and stops the solvers when training is done.
+simulation budget is spent, and stops the solvers when training is done. With an ``ingest``
+section, external solvers feed the same buffer over gRPC (``services.ingest``), taking their
+simulations from the same id sequence (``SimulationIds``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,10 +37,110 @@ log = logging.getLogger("surge.study")
 _CALLS_IN_FLIGHT = 2  # per solver actor: one running, one queued, so an actor never idles between calls
 
 
+@dataclass(frozen=True)
+class Assignment:
+    """Simulations handed out together: ``ids [n]``, ``params [n, P]``, ``seeds [n]``, ``attempts [n]`` (1 = first)."""
+
+    ids: np.ndarray
+    params: np.ndarray
+    seeds: np.ndarray
+    attempts: np.ndarray
+
+
+class SimulationIds:
+    """The one sequence of simulation ids of a study, shared by its solver actors and external clients.
+
+    Simulation ``i`` always gets the same parameters and seed, whoever runs it and however often:
+    fresh ids are drawn in order (the sampler's ``i``-th draw is simulation ``i``'s), and a failed id
+    that is re-queued is handed out again, before any fresh one, with the parameters it had. An id
+    is handed out at most ``max_attempts`` times. Thread-safe.
+    """
+
+    def __init__(self, sampler: Sampler, seed: int, budget: int, max_attempts: int = 3) -> None:
+        self._sampler = sampler
+        self._seed = seed
+        self.budget = budget
+        self.max_attempts = max_attempts
+        self._lock = threading.Lock()
+        self._next = 0
+        self._requeued: deque[int] = deque()
+        self._params: dict[int, np.ndarray] = {}  # ids out or re-queued -> their parameters
+        self._attempts: Counter[int] = Counter()
+        self._out: dict[int, str] = {}  # id -> source, handed out and not settled yet
+        self.abandoned = 0
+
+    def take(self, n: int, source: str) -> Assignment | None:
+        """Up to ``n`` simulations (re-queued ones first), or None when there is none to hand out now."""
+        with self._lock:
+            ids: list[int] = []
+            while len(ids) < n and self._requeued:
+                ids.append(self._requeued.popleft())
+            fresh = min(n - len(ids), self.budget - self._next)
+            if fresh > 0:
+                new = range(self._next, self._next + fresh)
+                for i, p in zip(new, self._sampler.draw(fresh), strict=True):
+                    self._params[i] = p
+                ids.extend(new)
+                self._next += fresh
+            if not ids:
+                return None
+            for i in ids:
+                self._attempts[i] += 1
+                self._out[i] = source
+            arr = np.asarray(ids, dtype=np.int64)
+            params = np.stack([self._params[i] for i in ids])
+            attempts = np.asarray([self._attempts[i] for i in ids], dtype=np.int64)
+        return Assignment(arr, params, simulation_seeds(self._seed, arr), attempts)
+
+    def settle(self, ids: np.ndarray | list[int], outcome: str, requeue: bool = False) -> list[int]:
+        """``outcome`` ``done``, ``failed`` or ``cancelled``; failed ids are re-queued when ``requeue`` and
+        they have attempts left. Returns the re-queued ids. Ids not out (settled already) are ignored."""
+        again: list[int] = []
+        with self._lock:
+            for i in (int(v) for v in ids):
+                if self._out.pop(i, None) is None:
+                    continue
+                if outcome == "failed" and requeue and self._attempts[i] < self.max_attempts:
+                    self._requeued.append(i)
+                    again.append(i)
+                    continue
+                self._params.pop(i, None)
+                if outcome == "failed":
+                    self.abandoned += 1
+        return again
+
+    def outstanding(self, source: str | None = None) -> int:
+        """Simulations handed out (to ``source``, or to anyone) and not settled yet."""
+        with self._lock:
+            return sum(1 for s in self._out.values() if source is None or s == source)
+
+    def is_out(self, sim_id: int) -> bool:
+        with self._lock:
+            return sim_id in self._out
+
+    @property
+    def exhausted(self) -> bool:
+        """Every fresh id handed out and none waiting to be handed out again."""
+        with self._lock:
+            return self._next >= self.budget and not self._requeued
+
+    @property
+    def handed_out(self) -> int:
+        """Distinct ids handed out so far."""
+        with self._lock:
+            return self._next
+
+
 class Study:
     """One running study. Thread-safe ``snapshot()`` for the gateway, CLI and metrics."""
 
-    def __init__(self, config: StudyConfig, store_root: str | Path, study_id: str | None = None) -> None:
+    def __init__(
+        self,
+        config: StudyConfig,
+        store_root: str | Path,
+        study_id: str | None = None,
+        ingest_token: str | None = None,
+    ) -> None:
         self.config = config
         self.id = study_id or f"{config.name}-{uuid.uuid4().hex[:8]}"
         self.store_root = str(Path(store_root).resolve())
@@ -47,7 +152,9 @@ class Study:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._sims = {"dispatched": 0, "done": 0, "failed": 0, "cancelled": 0}
-        self._produced = 0
+        self._produced = 0  # samples offered to the buffer by the solver actors (as their calls end)
+        self._produced_external = 0  # ... and by external clients over gRPC
+        self._external = {"done": 0, "failed": 0}
         self._solve_s = 0.0
         self._buffer_stats: dict[str, Any] = {}
         self._nodes: set[str] = set()
@@ -58,6 +165,17 @@ class Study:
         self.actors: list[ray.actor.ActorHandle] = []
         self.done_ids: list[int] = []
         self.use_gpu = False
+        self.ids = SimulationIds(
+            Sampler(self.spec.params, config.sampler.kind, config.sampler.seed),
+            config.sampler.seed,
+            config.simulations,
+            config.ingest.max_attempts,
+        )
+        # The gRPC ingest of external solvers (when config.ingest.enabled): same token as the gateway.
+        self._ingest_token = ingest_token if ingest_token is not None else os.environ.get("SURGE_API_TOKEN")
+        self.feed: Any = None  # services.ingest.server.StudyFeed
+        self._grpc: Any = None  # the services.ingest.server.SurgeServer it is attached to
+        self.ingest_address: str | None = None
 
     # Lifecycle -------------------------------------------------------------------
     def start(self) -> Study:
@@ -97,6 +215,8 @@ class Study:
             self.buffer = BufferActor.options(num_cpus=0).remote(
                 cfg.buffer.policy, cfg.buffer.capacity, cfg.buffer.watermark, capacity_bytes, cfg.sampler.seed
             )
+            if cfg.ingest.enabled:
+                self._start_ingest()
             problem = self.spec.to_dict()
             self.actors = [
                 SolverActor.options(num_cpus=cfg.solvers.num_cpus).remote(problem, self.buffer, cfg.solvers.chunk_steps)
@@ -117,6 +237,8 @@ class Study:
             monitor.start()
             self._dispatch(lambda: trainer_thread.is_alive())
             # Simulations exhausted (or stop asked): let the trainer drain the buffer and finish.
+            if self.feed is not None:
+                self.feed.close("the study needs no more simulations")
             self.buffer.close.remote()
             while trainer_thread.is_alive():
                 trainer_thread.join(0.5)
@@ -134,6 +256,43 @@ class Study:
             self._teardown(trainer_thread)
             self.ended_at = time.time()
             self._write_progress()
+
+    def _start_ingest(self) -> None:
+        from services.ingest.server import StudyFeed, serve
+
+        ing = self.config.ingest
+        if not self._ingest_token:
+            log.warning(
+                "study %s: ingest is enabled but SURGE_API_TOKEN is unset; external clients are refused", self.id
+            )
+        self.feed = StudyFeed(self.id, self.spec, self.buffer, self.ids, ing, self._external_event)
+        self._grpc = serve(
+            ing.host, ing.port, token=self._ingest_token, max_message_bytes=int(ing.max_message_mb * 2**20)
+        )
+        self._grpc.attach(self.feed)
+        self.ingest_address = self._grpc.address
+        log.info("study %s: external solvers stream in over gRPC at %s", self.id, self.ingest_address)
+
+    def _external_event(self, kind: str, sim_id: int, produced: int = 0) -> None:
+        """Called by the ingest server: a simulation handed out to, or settled by, an external client."""
+        with self._lock:
+            self._produced_external += produced
+            if kind == "assigned":
+                self._sims["dispatched"] += 1
+                return
+            self._sims[kind] += 1
+            if kind in self._external:
+                self._external[kind] += 1
+            if kind == "done":
+                self.done_ids.append(sim_id)
+
+    def _feeding_done(self) -> bool:
+        """No simulation out, and none left to hand out (or the external clients have all they may run)."""
+        if self.ids.outstanding():
+            return False
+        if self.ids.exhausted:
+            return True
+        return not self.actors and self.feed is not None and self.feed.cap_reached
 
     def _make_trainer(self, validation_ref: ray.ObjectRef) -> Any:
         from ray.train import RunConfig, ScalingConfig
@@ -171,26 +330,27 @@ class Study:
             run_config=RunConfig(name=self.id, storage_path=str(storage)),
         )
 
-    def _dispatch(self, trainer_alive: Any) -> None:
+    def _dispatch(self, trainer_alive: Callable[[], bool]) -> None:
         cfg = self.config
-        sampler = Sampler(self.spec.params, cfg.sampler.kind, cfg.sampler.seed)
         inflight: dict[ray.ObjectRef, tuple[int, np.ndarray]] = {}
         load = [0] * len(self.actors)
-        next_id = 0
         while not self._stop.is_set() and trainer_alive():
             for a, actor in enumerate(self.actors):
-                while load[a] < _CALLS_IN_FLIGHT and next_id < cfg.simulations:
-                    n = min(cfg.solvers.sims_per_call, cfg.simulations - next_id)
-                    ids = np.arange(next_id, next_id + n, dtype=np.int64)
-                    params = sampler.draw(n)
-                    ref = actor.run.remote(ids, params, simulation_seeds(cfg.sampler.seed, ids))
-                    inflight[ref] = (a, ids)
+                while load[a] < _CALLS_IN_FLIGHT:
+                    got = self.ids.take(cfg.solvers.sims_per_call, "actors")
+                    if got is None:
+                        break
+                    ref = actor.run.remote(got.ids, got.params, got.seeds)
+                    inflight[ref] = (a, got.ids)
                     load[a] += 1
-                    next_id += n
                     with self._lock:
-                        self._sims["dispatched"] += n
+                        self._sims["dispatched"] += len(got.ids)
             if not inflight:
-                return
+                if self._feeding_done():
+                    return
+                # External clients hold the rest (or may hand failed simulations back to the actors).
+                self._stop.wait(0.2)
+                continue
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
             for ref in ready:
                 a, ids = inflight.pop(ref)
@@ -206,11 +366,15 @@ class Study:
         try:
             res = ray.get(ref, timeout=timeout)
         except Exception as e:
+            # Ray has re-run the call already if the actor died; an error here is the solver's own,
+            # and would come back with the same parameters: not re-queued.
             log.warning("simulations %s..%s failed: %s", ids[0], ids[-1], e)
+            self.ids.settle(ids, "failed")
             with self._lock:
                 self._sims["failed"] += len(ids)
             return
         status = "cancelled" if res["closed"] else "done"
+        self.ids.settle(ids, status)
         with self._lock:
             self._sims[status] += len(ids)
             self._produced += res["produced"]
@@ -221,6 +385,8 @@ class Study:
 
     def _monitor(self) -> None:
         while self.running:
+            if self.feed is not None:
+                self.feed.reap()  # simulations handed out whose client never streamed them
             self._poll()
             time.sleep(1.0)
 
@@ -257,6 +423,14 @@ class Study:
             log.warning("cannot write %s: %s", self.progress_path, e)
 
     def _teardown(self, trainer_thread: threading.Thread | None) -> None:
+        if self.feed is not None:
+            self.feed.close(f"study {self.id} has ended")
+        if self._grpc is not None:
+            from services.ingest.server import release
+
+            self._grpc.detach(self.feed)
+            release(self._grpc)
+            self._grpc = None
         if self.buffer is not None:
             try:
                 self.buffer.abort.remote()
@@ -292,8 +466,13 @@ class Study:
             sims = dict(self._sims)
             rates = dict(self._rates)
             produced = self._produced
+            external = self._produced_external
+            ext_sims = dict(self._external)
             nodes = sorted(self._nodes)
         tr = st.get("training", {})
+        # The buffer counts every sample offered at once; the actors report theirs when a call ends.
+        offered = st.get("received", 0) + st.get("duplicates", 0)
+        by_actors = max(produced, offered - external)
         elapsed = ((self.ended_at or time.time()) - self.started_at) if self.started_at else 0.0
         t = self.config.training
         return {
@@ -307,9 +486,17 @@ class Study:
             "updated_at": time.time(),
             "nodes": {"solvers": nodes, "trainers": sorted(tr.get("nodes", []))},
             "elapsed_s": elapsed,
-            "simulations": {**sims, "budget": self.config.simulations},
+            "simulations": {
+                **sims,
+                "budget": self.config.simulations,
+                "external_done": ext_sims["done"],
+                "external_failed": ext_sims["failed"],
+            },
             "samples": {
-                "produced": max(produced, st.get("received", 0) + st.get("duplicates", 0)),
+                "produced": by_actors + external,
+                # By source (the gateway's /v1/studies schema holds numbers only in "samples": two keys).
+                "produced_actors": by_actors,
+                "produced_external": external,
                 "received": st.get("received", 0),
                 "duplicates": st.get("duplicates", 0),
                 "consumed": st.get("consumed", 0),
@@ -333,6 +520,7 @@ class Study:
                 "version": tr.get("version"),
                 "history": tr.get("history", []),
             },
+            "ingest": self.feed.stats() if self.feed is not None else None,
         }
 
 
@@ -363,9 +551,10 @@ class StudyBackend(Protocol):
 class StudyManager:
     """Studies run by this process on the Ray it is connected to (the embedded mode), by id."""
 
-    def __init__(self, store_root: str | Path, max_running: int = 2) -> None:
+    def __init__(self, store_root: str | Path, max_running: int = 2, ingest_token: str | None = None) -> None:
         self.store_root = Path(store_root)
         self.max_running = max_running
+        self.ingest_token = ingest_token
         self._studies: dict[str, Study] = {}
         self._lock = threading.Lock()
 
@@ -374,7 +563,7 @@ class StudyManager:
             running = sum(s.running for s in self._studies.values())
             if running >= self.max_running:
                 raise StudyLimitError(f"{running} studies are running already (limit {self.max_running})")
-            study = Study(config, self.store_root)
+            study = Study(config, self.store_root, ingest_token=self.ingest_token)
             self._studies[study.id] = study
         return study.start()
 
@@ -422,9 +611,19 @@ def pending_snapshot(study_id: str, config: StudyConfig, state: str, error: str 
         "updated_at": time.time(),
         "nodes": {"solvers": [], "trainers": []},
         "elapsed_s": 0.0,
-        "simulations": {"dispatched": 0, "done": 0, "failed": 0, "cancelled": 0, "budget": config.simulations},
+        "simulations": {
+            "dispatched": 0,
+            "done": 0,
+            "failed": 0,
+            "cancelled": 0,
+            "budget": config.simulations,
+            "external_done": 0,
+            "external_failed": 0,
+        },
         "samples": {
             "produced": 0,
+            "produced_actors": 0,
+            "produced_external": 0,
             "received": 0,
             "duplicates": 0,
             "consumed": 0,
@@ -449,4 +648,5 @@ def pending_snapshot(study_id: str, config: StudyConfig, state: str, error: str 
             "version": None,
             "history": [],
         },
+        "ingest": None,
     }
