@@ -256,6 +256,31 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dataset(args: argparse.Namespace) -> int:
+    """``surge dataset build``: the study's solvers, run once, into a zarr store."""
+    from rich.progress import Progress
+
+    from services.datasets import build_dataset
+    from trainer.dataset import DatasetError
+
+    cfg = _load(args.config)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        print(f"surge: {out} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    try:
+        with Progress(transient=True) as bar:
+            task = bar.add_task(f"solving {args.simulations} simulations", total=args.simulations)
+            build_dataset(
+                cfg, args.simulations, out, seed=args.seed, progress=lambda done, _: bar.update(task, completed=done)
+            )
+    except (DatasetError, ValueError) as e:
+        print(f"surge: {e}", file=sys.stderr)
+        return 2
+    print(f"{out}: {args.simulations} simulations of {cfg.problem.solver} ({cfg.problem.kind})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="surge", description="Online training of PDE surrogates on Ray.")
@@ -301,6 +326,18 @@ def main(argv: list[str] | None = None) -> int:
     sb.add_argument("--token", default=None, help="API token (default $SURGE_API_TOKEN)")
     sb.add_argument("--wait", action="store_true", help="follow the study until it ends")
     sb.set_defaults(func=cmd_submit)
+
+    d = sub.add_parser("dataset", help="offline datasets (zarr)")
+    dsub = d.add_subparsers(dest="dataset_command", required=True)
+    db = dsub.add_parser("build", help="run a study's solvers once and write the samples to a zarr store")
+    db.add_argument("config", help="study YAML: its problem, sampler and solver settings are used")
+    db.add_argument("--simulations", type=int, required=True)
+    db.add_argument("--out", required=True, help="the .zarr directory to write")
+    db.add_argument(
+        "--seed", type=int, default=None, help="sampler seed (default: the study's; use another for test sets)"
+    )
+    db.add_argument("--overwrite", action="store_true")
+    db.set_defaults(func=cmd_dataset)
 
     v = sub.add_parser("validate", help="check a study config")
     v.add_argument("config")

@@ -137,6 +137,12 @@ class TrainingConfig(_Strict):
             raise ValueError(f"unknown model {v!r}; available: {', '.join(model_names())}")
         return v
 
+    loss: Literal["rel_l2", "mse"] = Field("rel_l2", description="relative L2 per sample (the FNO paper's) or MSE")
+    schedule: Literal["cosine", "step"] = Field("cosine", description="cosine decay, or a factor every N steps")
+    decay_every: int = Field(1000, ge=1, description="schedule: step — steps between learning-rate decays")
+    decay_gamma: float = Field(0.5, gt=0, le=1, description="schedule: step — factor applied at each decay")
+    norm_steps: int = Field(100, ge=1, description="steps whose batches set the running normalisation statistics")
+
     @model_validator(mode="after")
     def _arch(self) -> TrainingConfig:
         check_arch(self.model, self.arch)
@@ -171,8 +177,22 @@ class StudyConfig(_Strict):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
 
+    dataset: str | None = Field(
+        None, description="offline: a zarr dataset (surge dataset build) the trainer cycles over instead of a stream"
+    )
+
     @model_validator(mode="after")
     def _fed(self) -> StudyConfig:
+        if self.dataset is not None:
+            if self.ingest.enabled:
+                raise ValueError("dataset: a study reads a dataset or takes a stream, not both (ingest is enabled)")
+            from trainer.dataset import Dataset, DatasetError
+
+            try:
+                Dataset(self.dataset).check_compatible(self.problem.spec())
+            except DatasetError as e:
+                raise ValueError(f"dataset: {e}") from None
+            return self
         if self.solvers.actors == 0 and not self.ingest.enabled:
             raise ValueError("solvers.actors is 0 and ingest is not enabled: nothing would feed the study")
         return self

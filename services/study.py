@@ -218,9 +218,11 @@ class Study:
             if cfg.ingest.enabled:
                 self._start_ingest()
             problem = self.spec.to_dict()
+            # Offline (a dataset): no solvers; the trainer reads the store, the buffer actor only relays figures.
+            n_actors = 0 if cfg.dataset else cfg.solvers.actors
             self.actors = [
                 SolverActor.options(num_cpus=cfg.solvers.num_cpus).remote(problem, self.buffer, cfg.solvers.chunk_steps)
-                for _ in range(cfg.solvers.actors)
+                for _ in range(n_actors)
             ]
             trainer = self._make_trainer(ray.put((x_val, y_val)))
 
@@ -235,7 +237,11 @@ class Study:
             self.state = "running"
             monitor = threading.Thread(target=self._monitor, name=f"monitor-{self.id}", daemon=True)
             monitor.start()
-            self._dispatch(lambda: trainer_thread.is_alive())
+            if cfg.dataset:
+                while trainer_thread.is_alive() and not self._stop.wait(0.5):
+                    pass
+            else:
+                self._dispatch(lambda: trainer_thread.is_alive())
             # Simulations exhausted (or stop asked): let the trainer drain the buffer and finish.
             if self.feed is not None:
                 self.feed.close("the study needs no more simulations")
@@ -311,6 +317,12 @@ class Study:
             "warmup": t.warmup,
             "validate_every": t.validate_every,
             "keep_versions": t.keep_versions,
+            "loss": t.loss,
+            "schedule": t.schedule,
+            "decay_every": t.decay_every,
+            "decay_gamma": t.decay_gamma,
+            "norm_steps": t.norm_steps,
+            "dataset": str(Path(self.config.dataset).resolve()) if self.config.dataset else None,
             "threads": t.threads,
             "store": self.store_root,
             "model_name": self.config.served_name,

@@ -151,3 +151,36 @@ def test_operator_study_learns_burgers_with_an_fno(tmp_path) -> None:
     card = ModelStore(tmp_path).card("burgers1d")
     assert card["problem"]["kind"] == "operator" and card["input_shape"] == [1, 64]
     study.release()
+
+
+def test_online_and_offline_studies_share_one_code_path(tmp_path) -> None:
+    # The same small problem trained online (fresh simulations) and offline (a zarr dataset, epochs):
+    # same model, optimiser, batch and steps; both report through the same snapshot, card and store.
+    from services.config import ConfigError
+    from services.datasets import build_dataset
+
+    base = _config(
+        name="online",
+        simulations=100_000,
+        buffer={"policy": "firo", "capacity": 1000, "watermark": 200},
+        training={"steps": 120, "validate_every": 40},
+    )
+    data = build_dataset(parse_config(base), 12, tmp_path / "train.zarr")
+    online = _run(base, tmp_path / "on")
+    offline = _run({**base, "name": "offline", "dataset": str(data)}, tmp_path / "off")
+    snaps = [online.snapshot(), offline.snapshot()]
+    for snap in snaps:
+        assert snap["state"] == "finished", snap["error"]
+        assert snap["training"]["step"] == 120
+        assert len(snap["training"]["history"]) == 3
+        assert snap["training"]["validation_error"] < snap["training"]["history"][0][1] * 1.5
+    assert snaps[1]["simulations"]["done"] == 0  # offline: no solver ran
+    assert snaps[0]["simulations"]["done"] > 12
+    for store in ("on", "off"):
+        card = ModelStore(tmp_path / store).card("heat2d")
+        assert card["samples_seen"] == 120 * 32 and card["model"]["name"] == "mlp"
+    # A dataset of another problem is refused at validation, before anything starts.
+    with pytest.raises(ConfigError, match="dataset: .* holds another problem"):
+        parse_config({**base, "problem": {"config": {"n": 12, "steps": STEPS, "dt": 0.005}}, "dataset": str(data)})
+    online.release()
+    offline.release()
