@@ -180,7 +180,7 @@ def test_online_and_offline_studies_share_one_code_path(tmp_path) -> None:
         card = ModelStore(tmp_path / store).card("heat2d")
         assert card["samples_seen"] == 120 * 32 and card["model"]["name"] == "mlp"
     # A dataset of another problem is refused at validation, before anything starts.
-    with pytest.raises(ConfigError, match="dataset: .* holds another problem"):
+    with pytest.raises(ConfigError, match=r"dataset: .* holds another problem"):
         parse_config({**base, "problem": {"config": {"n": 12, "steps": STEPS, "dt": 0.005}}, "dataset": str(data)})
     online.release()
     offline.release()
