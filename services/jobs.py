@@ -21,7 +21,7 @@ from services.metrics import PROGRESS_DIR
 from services.study import StudiesUnavailable, pending_snapshot
 
 CONFIG_ENV = "SURGE_STUDY_CONFIG"
-SUBMIT_PATIENCE_S = 30.0
+SUBMIT_PATIENCE_S = 60.0
 _JOB_STATES = {
     "PENDING": "starting",
     "RUNNING": "running",

@@ -221,12 +221,12 @@ def cluster(tmp_path_factory) -> Iterator[dict]:
 @pytest.fixture(scope="module")
 def study(cluster) -> dict:
     gw, procs = cluster["gateway"], cluster["procs"]
-    r = httpx.post(f"{gw}/v1/studies", json=STUDY, headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=30)
+    r = httpx.post(f"{gw}/v1/studies", json=STUDY, headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=120)
     assert r.status_code == 201, r.text
     sid = r.json()["id"]
 
     def trained():
-        snap = httpx.get(f"{gw}/v1/studies/{sid}", timeout=30).json()
+        snap = httpx.get(f"{gw}/v1/studies/{sid}", timeout=60).json()
         assert snap["state"] in ("starting", "running"), snap
         return snap if snap["training"]["version"] and snap["training"]["step"] >= 100 else None
 
@@ -271,11 +271,11 @@ def test_every_dashboard_metric_has_series(cluster, study) -> None:
 
 def test_deleting_the_study_stops_its_ray_job(cluster, study) -> None:
     gw = cluster["gateway"]
-    r = httpx.delete(f"{gw}/v1/studies/{study['id']}", headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=30)
+    r = httpx.delete(f"{gw}/v1/studies/{study['id']}", headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=60)
     assert r.status_code == 202, r.text
 
     def ended():
-        snap = httpx.get(f"{gw}/v1/studies/{study['id']}", timeout=30).json()
+        snap = httpx.get(f"{gw}/v1/studies/{study['id']}", timeout=60).json()
         return snap if snap["state"] in ("stopped", "finished", "failed") else None
 
     snap = _wait("the study to stop", ended, 60, cluster["procs"], "gateway")
