@@ -61,7 +61,7 @@ def curves_figure(curves: dict, out: Path) -> None:
         for label, hist in runs.items():
             h = np.array(hist)
             ax.semilogy(h[:, 0], h[:, 1], label=label, ls="-" if label.startswith("online") else "--")
-        ax.set(title=prob, xlabel="gradient steps", ylabel="validation rel. L2")
+        ax.set(title=prob, xlabel="gradient steps", ylabel="held-out validation rel. L2")
         ax.legend(fontsize=8)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -189,9 +189,16 @@ class StudyConfig(_Strict):
             from trainer.dataset import Dataset, DatasetError
 
             try:
-                Dataset(self.dataset).check_compatible(self.problem.spec())
+                ds = Dataset(self.dataset)
+                ds.check_compatible(self.problem.spec())
             except DatasetError as e:
                 raise ValueError(f"dataset: {e}") from None
+            if len(ds) < self.training.batch_size:
+                # Epochs hold whole batches only: a smaller dataset could never yield one.
+                raise ValueError(
+                    f"dataset: {self.dataset} holds {len(ds)} samples, fewer than one batch "
+                    f"(training.batch_size = {self.training.batch_size})"
+                )
             return self
         if self.solvers.actors == 0 and not self.ingest.enabled:
             raise ValueError("solvers.actors is 0 and ingest is not enabled: nothing would feed the study")

@@ -137,7 +137,12 @@ class Dataset:
     def epochs(
         self, batch_size: int, seed: int = 0, device: torch.device | str = "cpu"
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Shuffled batches, epoch after epoch, forever (the caller counts steps)."""
+        """Shuffled batches, epoch after epoch, forever (the caller counts steps).
+
+        Every batch is full; the last ``len % batch_size`` samples of each shuffled epoch wait for the next.
+        """
+        if not 1 <= batch_size <= len(self):
+            raise DatasetError(f"{self.path} holds {len(self)} samples: no batch of {batch_size} can be drawn")
         x, y = self.arrays()
         xt = torch.from_numpy(np.ascontiguousarray(x)).view(len(self), *self.spec.in_shape)
         yt = torch.from_numpy(np.ascontiguousarray(y)).view(len(self), *self.spec.out_shape)

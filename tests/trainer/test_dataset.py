@@ -60,6 +60,15 @@ def test_epochs_cycle_over_every_sample(tmp_path) -> None:
     assert more.shape == (5, *SPEC.in_shape)  # and on into the next epoch
 
 
+def test_a_batch_larger_than_the_dataset_is_refused(tmp_path) -> None:
+    # Epochs hold whole batches only: 16 of 15 samples could never be drawn (a silent endless loop before).
+    _write(tmp_path / "d.zarr")
+    ds = Dataset(tmp_path / "d.zarr")
+    with pytest.raises(DatasetError, match="holds 15 samples: no batch of 16"):
+        next(ds.epochs(batch_size=16))
+    assert next(ds.epochs(batch_size=15))[0].shape == (15, *SPEC.in_shape)
+
+
 def test_truncated_store_is_refused(tmp_path) -> None:
     _write(tmp_path / "t.zarr", close=False)
     with pytest.raises(DatasetError, match="incomplete"):

@@ -76,3 +76,28 @@ def test_unknown_model_and_bad_arch() -> None:
         build_model("resnet", 6, 1, GRID)
     with pytest.raises(ValueError, match="bad architecture for model 'mlp'"):
         build_model("mlp", 6, 1, GRID, depth=3)
+
+
+def test_fno_paper_layer_without_channel_mlp(tmp_path) -> None:
+    # channel_mlp=False is the FNO paper's layer: fewer parameters, and the card rebuilds it exactly.
+    arch = {"modes": 4, "width": 8, "layers": 2}
+    with_mlp = build_model("fno", 6, 1, GRID, **arch)
+    paper = build_model("fno", 6, 1, GRID, **arch, channel_mlp=False)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(paper) < count(with_mlp)
+    card = {
+        "model": {
+            "name": "fno",
+            "arch": {**arch, "channel_mlp": False},
+            "in_channels": 6,
+            "out_channels": 1,
+            "grid": list(GRID),
+        },
+        "problem": {},
+    }
+    store = ModelStore(tmp_path)
+    loaded = store.load("m", store.publish("m", paper, card))
+    x = torch.randn(2, 6)
+    paper.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), paper(x), rtol=0, atol=0)
