@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--problems", default=",".join(PROBLEMS))
     ap.add_argument("--figure", default=None, help="write a PNG of held-out error against steps")
     ap.add_argument("--json", default=None, help="write every run's figures and curves as JSON")
+    ap.add_argument("--work", default=None, help="folder for the datasets and model stores (default: a temp dir)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sims.split(",")]
     problems = args.problems.split(",")
@@ -77,10 +78,11 @@ def main() -> None:
     import ray
 
     ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
-    work = Path(tempfile.mkdtemp(prefix="surge-ovo-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="surge-ovo-"))
+    work.mkdir(parents=True, exist_ok=True)
     curves: dict[str, dict[str, list]] = {}
     report: dict[str, dict] = {}
-    print(f"steps per run {budgets}; offline sizes {sizes}; test set {args.test_sims} simulations")
+    print(f"steps per run {budgets}; offline sizes {sizes}; test set {args.test_sims} simulations; stores in {work}")
     for prob in problems:
         path, over = PROBLEMS[prob]
         steps = budgets[prob]

@@ -127,6 +127,9 @@ class TrainingConfig(_Strict):
     validate_every: int = Field(200, ge=1, description="validate and publish a checkpoint every K steps")
     validation_simulations: int = Field(16, ge=1, le=10_000)
     validation_seed: int = Field(1_000_003, ge=0)
+    validation_dataset: str | None = Field(
+        None, description="a zarr dataset (surge dataset build) to validate on instead of validation_simulations"
+    )
     keep_versions: int = Field(5, ge=1)
     threads: int | None = Field(None, ge=1, description="torch threads per worker (default: Ray's CPU share)")
 
@@ -183,6 +186,13 @@ class StudyConfig(_Strict):
 
     @model_validator(mode="after")
     def _fed(self) -> StudyConfig:
+        if self.training.validation_dataset is not None:
+            from trainer.dataset import Dataset, DatasetError
+
+            try:
+                Dataset(self.training.validation_dataset).check_compatible(self.problem.spec())
+            except DatasetError as e:
+                raise ValueError(f"training.validation_dataset: {e}") from None
         if self.dataset is not None:
             if self.ingest.enabled:
                 raise ValueError("dataset: a study reads a dataset or takes a stream, not both (ingest is enabled)")

@@ -30,6 +30,7 @@ from services.config import StudyConfig
 from services.metrics import PROGRESS_DIR
 from services.sampling import Sampler, simulation_seeds
 from services.training import train_worker, validation_set
+from trainer.dataset import Dataset
 from trainer.problem import ProblemSpec
 
 log = logging.getLogger("surge.study")
@@ -210,7 +211,12 @@ class Study:
         trainer_thread: threading.Thread | None = None
         train_error: list[BaseException] = []
         try:
-            x_val, y_val = validation_set(self.spec, cfg.training.validation_simulations, cfg.training.validation_seed)
+            if cfg.training.validation_dataset:
+                x_val, y_val = Dataset(cfg.training.validation_dataset).arrays()
+            else:
+                x_val, y_val = validation_set(
+                    self.spec, cfg.training.validation_simulations, cfg.training.validation_seed
+                )
             capacity_bytes = int(cfg.buffer.capacity_mb * 2**20) if cfg.buffer.capacity_mb else None
             self.buffer = BufferActor.options(num_cpus=0).remote(
                 cfg.buffer.policy, cfg.buffer.capacity, cfg.buffer.watermark, capacity_bytes, cfg.sampler.seed

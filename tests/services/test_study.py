@@ -6,6 +6,7 @@ import time
 
 import pytest
 import ray
+import torch
 
 from services.config import parse_config
 from services.study import Study
@@ -167,8 +168,11 @@ def test_online_and_offline_studies_share_one_code_path(tmp_path) -> None:
         training={"steps": 120, "validate_every": 40},
     )
     data = build_dataset(parse_config(base), 12, tmp_path / "train.zarr")
+    val = build_dataset(parse_config(base), 3, tmp_path / "val.zarr", seed=99)
     online = _run(base, tmp_path / "on")
-    offline = _run({**base, "name": "offline", "dataset": str(data)}, tmp_path / "off")
+    # The offline run also validates on a zarr store instead of simulations solved at start.
+    off_training = {**base["training"], "validation_dataset": str(val)}
+    offline = _run({**base, "name": "offline", "dataset": str(data), "training": off_training}, tmp_path / "off")
     snaps = [online.snapshot(), offline.snapshot()]
     for snap in snaps:
         assert snap["state"] == "finished", snap["error"]
@@ -183,9 +187,27 @@ def test_online_and_offline_studies_share_one_code_path(tmp_path) -> None:
     # Offline batches are always full; a FIRO stream may hand over a short batch while it refills.
     assert ModelStore(tmp_path / "off").card("heat2d")["samples_seen"] == 120 * 32
     assert 100 * 32 < ModelStore(tmp_path / "on").card("heat2d")["samples_seen"] <= 120 * 32
+    # The offline study's reported error is its final model's error on that validation store.
+    from trainer.loop import Normaliser, evaluate
+
+    final = ModelStore(tmp_path / "off").load("heat2d")
+    vds = Dataset(val)
+    vx, vy = (torch.from_numpy(a) for a in vds.arrays())
+    got = evaluate(
+        final.model,
+        vx.view(len(vds), *vds.spec.in_shape),
+        vy.view(len(vds), *vds.spec.out_shape),
+        Normaliser.from_dict(final.card["normalisation"]),
+    )
+    assert got == pytest.approx(snaps[1]["training"]["validation_error"], rel=1e-4)
     # A dataset of another problem is refused at validation, before anything starts.
     with pytest.raises(ConfigError, match=r"dataset: .* holds another problem"):
         parse_config({**base, "problem": {"config": {"n": 12, "steps": STEPS, "dt": 0.005}}, "dataset": str(data)})
+    other = {"problem": {"config": {"n": 12, "steps": STEPS, "dt": 0.005}}}
+    with pytest.raises(ConfigError, match=r"training.validation_dataset: .* holds another problem"):
+        parse_config({**base, **other, "training": {**base["training"], "validation_dataset": str(val)}})
+    with pytest.raises(ConfigError, match=r"training.validation_dataset"):
+        parse_config({**base, "training": {**base["training"], "validation_dataset": str(tmp_path / "none.zarr")}})
     # So is one too small for a single batch (it would never yield one).
     samples = len(Dataset(data))
     with pytest.raises(ConfigError, match=rf"holds {samples} samples, fewer than one batch"):
