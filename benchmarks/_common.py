@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,8 +13,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from services.config import parse_config  # noqa: E402
-from trainer.dataset import Dataset  # noqa: E402
+from services.config import StudyConfig, parse_config  # noqa: E402
+from services.datasets import build_dataset  # noqa: E402
+from services.metrics import PROGRESS_DIR  # noqa: E402
+from trainer.dataset import Dataset, DatasetError  # noqa: E402
 from trainer.loop import Normaliser, evaluate  # noqa: E402
 from trainer.store import ModelStore  # noqa: E402
 
@@ -36,10 +40,42 @@ def test_error(store: Path, name: str, test: Dataset) -> float:
     return evaluate(m.model, xt, yt, Normaliser.from_dict(m.card["normalisation"]))
 
 
-def run_study(data: dict, store: Path) -> tuple[float, list]:
-    """Run a study to its end in this process's Ray; returns (wall seconds, validation history)."""
+def dataset(cfg: StudyConfig, n: int, path: Path, seed: int, resume: bool = False) -> Path:
+    """Build an ``n``-simulation zarr set at ``path``; with ``resume``, keep one already built there."""
+    if resume and path.exists():
+        try:
+            ds = Dataset(path)
+            ds.check_compatible(cfg.problem.spec())
+            if ds.simulations == n and ds.attrs.get("sampler", {}).get("seed") == seed:
+                return path
+        except DatasetError:
+            pass
+    if path.exists():
+        shutil.rmtree(path)
+    return build_dataset(cfg, n, path, seed=seed)
+
+
+def finished_run(store: Path, name: str, steps: int) -> tuple[float, list] | None:
+    """(wall seconds, validation history) of study ``name`` that already ran ``steps`` steps in ``store``."""
+    for f in sorted((store / PROGRESS_DIR).glob("*.json")):
+        snap = json.loads(f.read_text())
+        if snap["name"] == name and snap["state"] == "finished" and snap["training"]["step"] == steps:
+            return snap["elapsed_s"], snap["training"]["history"]
+    return None
+
+
+def run_study(data: dict, store: Path, resume: bool = False) -> tuple[float, list]:
+    """Run a study to its end in this process's Ray; returns (wall seconds, validation history).
+
+    With ``resume``, a run that already finished in ``store`` is reported, not run again.
+    """
     from services.study import Study
 
+    if resume and (done := finished_run(store, data["name"], data["training"]["steps"])) is not None:
+        print(f"  (resumed {data['name']} from {store})")
+        return done
+    if store.exists():
+        shutil.rmtree(store)  # a half-finished run would leave older versions behind
     study = Study(parse_config(data), store).start()
     study.join()
     snap = study.snapshot()

@@ -25,10 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, TEST_SEED, curves_figure, merge, run_study, test_error
+from _common import ROOT, TEST_SEED, curves_figure, dataset, merge, run_study, test_error
 
 from services.config import load_config, parse_config
-from services.datasets import build_dataset
 from trainer.dataset import Dataset
 
 PAPER = {  # test relative L2 published in the FNO paper (Tables 1 and 2)
@@ -51,6 +50,7 @@ def main() -> None:
     ap.add_argument("--problems", default="burgers1d,darcy2d")
     ap.add_argument("--no-online", action="store_true")
     ap.add_argument("--work", default=None, help="folder for the datasets and model stores (default: a temp dir)")
+    ap.add_argument("--resume", action="store_true", help="reuse datasets and finished runs already in --work")
     ap.add_argument("--figure", default=None, help="write a PNG of held-out error against steps")
     ap.add_argument("--json", default=None, help="write every run's figures and curves as JSON")
     args = ap.parse_args()
@@ -84,15 +84,15 @@ def main() -> None:
         }
         cfg = parse_config(merge(base, {"training": training}))
         t0 = time.time()
-        test = Dataset(build_dataset(cfg, args.test, work / f"{prob}-test.zarr", seed=TEST_SEED))
-        train = build_dataset(cfg, args.train, work / f"{prob}-train.zarr", seed=cfg.sampler.seed)
+        test = Dataset(dataset(cfg, args.test, work / f"{prob}-test.zarr", TEST_SEED, args.resume))
+        train = dataset(cfg, args.train, work / f"{prob}-train.zarr", cfg.sampler.seed, args.resume)
         rows = []
         curves[prob] = {}
         for model, arch in (("fno", fno_arch), ("mlp", {"hidden": 512, "layers": 3})):
             store = work / f"{prob}-{model}"
             data = merge(base, {"name": f"{prob}-{model}", "dataset": str(train), "training": training})
             data["training"] = {**data["training"], "model": model, "arch": arch}
-            wall, curves[prob][f"{model} offline"] = run_study(data, store)
+            wall, curves[prob][f"{model} offline"] = run_study(data, store, args.resume)
             rows.append(
                 (
                     f"{model} offline, {args.train} sims",
@@ -105,7 +105,7 @@ def main() -> None:
             store = work / f"{prob}-online"
             data = merge(base, {"name": f"{prob}-online", "training": training})
             data["training"] = {**data["training"], "model": "fno", "arch": fno_arch}
-            wall, curves[prob]["fno online"] = run_study(data, store)
+            wall, curves[prob]["fno online"] = run_study(data, store, args.resume)
             rows.append(
                 ("fno online, fresh sims", test_error(store, cfg.served_name, test), PAPER[(prob, "fno")], wall)
             )

@@ -25,10 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, TEST_SEED, curves_figure, merge, run_study, test_error
+from _common import ROOT, TEST_SEED, curves_figure, dataset, merge, run_study, test_error
 
 from services.config import load_config, parse_config
-from services.datasets import build_dataset
 from trainer.dataset import Dataset
 
 PROBLEMS = {
@@ -68,6 +67,7 @@ def main() -> None:
     ap.add_argument("--figure", default=None, help="write a PNG of held-out error against steps")
     ap.add_argument("--json", default=None, help="write every run's figures and curves as JSON")
     ap.add_argument("--work", default=None, help="folder for the datasets and model stores (default: a temp dir)")
+    ap.add_argument("--resume", action="store_true", help="reuse datasets and finished runs already in --work")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sims.split(",")]
     problems = args.problems.split(",")
@@ -90,19 +90,19 @@ def main() -> None:
         base = merge(base, {"training": {"steps": steps, "validate_every": max(50, steps // 20)}})
         cfg = parse_config(base)
         t0 = time.time()
-        test = Dataset(build_dataset(cfg, args.test_sims, work / f"{prob}-test.zarr", seed=TEST_SEED))
+        test = Dataset(dataset(cfg, args.test_sims, work / f"{prob}-test.zarr", TEST_SEED, args.resume))
         rows, curves[prob] = [], {}
         for n in sizes:
-            ds = build_dataset(cfg, n, work / f"{prob}-train-{n}.zarr", seed=cfg.sampler.seed)
+            ds = dataset(cfg, n, work / f"{prob}-train-{n}.zarr", cfg.sampler.seed, args.resume)
             store = work / f"{prob}-off-{n}"
-            wall, hist = run_study(merge(base, {"name": f"off{n}", "dataset": str(ds)}), store)
+            wall, hist = run_study(merge(base, {"name": f"off{n}", "dataset": str(ds)}), store, args.resume)
             rows.append((f"offline, {n} simulations", test_error(store, cfg.served_name, test), wall))
             curves[prob][f"offline {n}"] = hist
         for policy in ("fifo", "reservoir"):
             store = work / f"{prob}-on-{policy}"
             cap = base["buffer"]["capacity"]
             data = merge(base, {"name": f"on-{policy}", "buffer": {"policy": policy, "capacity": cap}})
-            wall, hist = run_study(data, store)
+            wall, hist = run_study(data, store, args.resume)
             rows.append((f"online, {policy}", test_error(store, cfg.served_name, test), wall))
             curves[prob][f"online {policy}"] = hist
         print(f"\n{prob}: {steps} steps of batch {cfg.training.batch_size} ({time.time() - t0:.0f} s)")
