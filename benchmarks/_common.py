@@ -82,6 +82,9 @@ def run_study(data: dict, store: Path, resume: bool = False) -> tuple[float, lis
     study.release()
     if snap["state"] != "finished":
         raise SystemExit(f"run {data['name']} ended {snap['state']}: {snap['error']}")
+    if snap["training"]["step"] != data["training"]["steps"]:
+        # e.g. a FIFO stream that ran out of simulations: the comparison would not be at equal steps
+        print(f"  WARNING: run {data['name']} took {snap['training']['step']} of {data['training']['steps']} steps")
     return snap["elapsed_s"], snap["training"]["history"]
 
 

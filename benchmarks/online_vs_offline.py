@@ -32,7 +32,8 @@ from trainer.dataset import Dataset
 
 PROBLEMS = {
     # name: (config, overrides that keep a run short on a laptop CPU)
-    "heat2d-mlp": ("configs/heat2d-mlp.yaml", {"problem": {"config": {"n": 32}}}),
+    # simulations: enough that no FIFO stream runs dry before the step budget (every run takes every step).
+    "heat2d-mlp": ("configs/heat2d-mlp.yaml", {"problem": {"config": {"n": 32}}, "simulations": 100_000}),
     "heat2d-fno": (
         "configs/heat2d-fno.yaml",
         {"problem": {"config": {"n": 32}}, "training": {"batch_size": 32, "arch": {"channel_mlp": False}}},
