@@ -99,7 +99,7 @@ def curves_figure(curves: dict, out: Path) -> None:
     for ax, (prob, runs) in zip(axes[0], curves.items(), strict=True):
         for label, hist in runs.items():
             h = np.array(hist)
-            ax.semilogy(h[:, 0], h[:, 1], label=label, ls="-" if label.startswith("online") else "--")
+            ax.semilogy(h[:, 0], h[:, 1], label=label, ls="-" if "online" in label else "--")
         ax.set(title=prob, xlabel="gradient steps", ylabel="held-out validation rel. L2")
         ax.legend(fontsize=8)
     out.parent.mkdir(parents=True, exist_ok=True)
