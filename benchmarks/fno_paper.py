@@ -48,7 +48,9 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=1000)
     ap.add_argument("--test", type=int, default=100)
     ap.add_argument("--problems", default="burgers1d,darcy2d")
-    ap.add_argument("--no-online", action="store_true")
+    ap.add_argument(
+        "--no-online", nargs="?", const="all", default="", help="skip the online runs (of all, or of PROBLEM,...)"
+    )
     ap.add_argument("--work", default=None, help="folder for the datasets and model stores (default: a temp dir)")
     ap.add_argument("--resume", action="store_true", help="reuse datasets and finished runs already in --work")
     ap.add_argument("--figure", default=None, help="write a PNG of held-out error against steps")
@@ -101,7 +103,7 @@ def main() -> None:
                     wall,
                 )
             )
-        if not args.no_online:
+        if args.no_online != "all" and prob not in args.no_online.split(","):
             store = work / f"{prob}-online"
             data = merge(base, {"name": f"{prob}-online", "training": training})
             data["training"] = {**data["training"], "model": "fno", "arch": fno_arch}

@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--sims", default="20,100,500", help="offline dataset sizes (simulations)")
     ap.add_argument("--test-sims", type=int, default=32)
     ap.add_argument("--problems", default=",".join(PROBLEMS))
+    ap.add_argument("--policies", default="fifo,reservoir", help="online buffer policies to run")
     ap.add_argument("--figure", default=None, help="write a PNG of held-out error against steps")
     ap.add_argument("--json", default=None, help="write every run's figures and curves as JSON")
     ap.add_argument("--work", default=None, help="folder for the datasets and model stores (default: a temp dir)")
@@ -99,7 +100,7 @@ def main() -> None:
             wall, hist = run_study(merge(base, {"name": f"off{n}", "dataset": str(ds)}), store, args.resume)
             rows.append((f"offline, {n} simulations", test_error(store, cfg.served_name, test), wall))
             curves[prob][f"offline {n}"] = hist
-        for policy in ("fifo", "reservoir"):
+        for policy in args.policies.split(","):
             store = work / f"{prob}-on-{policy}"
             cap = base["buffer"]["capacity"]
             data = merge(base, {"name": f"on-{policy}", "buffer": {"policy": policy, "capacity": cap}})
