@@ -54,7 +54,8 @@ def main() -> None:
         lo, hi = float(truth.min()), float(truth.max())
         for ax, a in zip(axes[:2], (truth, pred), strict=True):
             fig.colorbar(ax.imshow(a.T, origin="lower", vmin=lo, vmax=hi, cmap="viridis"), ax=ax)
-        fig.colorbar(axes[2].imshow((pred - truth).T, origin="lower", cmap="RdBu_r"), ax=axes[2])
+        d = float(np.abs(pred - truth).max())  # symmetric limits: white is zero
+        fig.colorbar(axes[2].imshow((pred - truth).T, origin="lower", cmap="RdBu_r", vmin=-d, vmax=d), ax=axes[2])
     for ax, title in zip(
         axes, ("solver", f"{args.model} v{m.version}", f"difference (rel. L2 {err:.3f})"), strict=True
     ):
