@@ -1,11 +1,15 @@
-"""Bounded in-memory sample buffers for online surrogate training (Melissa, ICML 2023).
+"""Bounded sample buffers for online surrogate training (Melissa, ICML 2023), holding samples by reference.
 
-Solver processes stream samples into a buffer with :meth:`Buffer.put`; trainer processes pull
-mini-batches with :meth:`Buffer.get`. A sample is a pair of float32 vectors ``x [dx]`` and
-``y [dy]`` (``y`` is a flattened field; callers reshape) identified by an integer simulation id
-and an integer time index. Samples travel in :class:`Chunk` s of ``k`` rows.
+A buffer never holds sample arrays. Producers write a chunk of ``k`` samples once, somewhere the
+consumer can read it in place (Ray's object store in a study; the chunk itself in tests), and
+hand the buffer an opaque *payload* for it with :meth:`Buffer.put_ref`, together with the
+chunk's keys (simulation id and time index per row) and its size in bytes. A slot of the buffer
+is a ``(chunk, row)`` pair. :meth:`Buffer.take` returns a :class:`Batch`: the payloads a batch
+draws from and, per batch row, which payload and which row of it; the consumer assembles the
+batch with one copy (:func:`assemble`). :meth:`Buffer.put` / :meth:`Buffer.get` do the same on
+in-process arrays (the payload is the validated chunk itself).
 
-Three policies (see the class docstrings for the exact semantics):
+Three policies (see the class docstrings for the exact semantics), at sample granularity:
 
 * ``"fifo"``  -- :class:`FifoBuffer`: oldest samples out first, each sample returned exactly once,
   producers block while the buffer is full (backpressure).
@@ -17,36 +21,44 @@ Three policies (see the class docstrings for the exact semantics):
 
 Common behaviour:
 
-* **Storage.** Samples live in preallocated contiguous ``X[capacity, dx]`` / ``Y[capacity, dy]``
-  float32 arrays allocated at the first non-empty put, which fixes ``dx`` / ``dy`` for good.
-  ``get`` returns contiguous copies, so callers never alias buffer memory.
-* **Byte cap.** With ``capacity_bytes``, the effective capacity becomes
-  ``min(capacity, capacity_bytes // bytes_per_sample)`` once the first chunk fixes the sample
-  size, where ``bytes_per_sample = 4 * (dx + dy)`` (the X/Y payload; the 8-byte per-slot
-  seen-counter is not counted). If that is < 1 the put raises ``ValueError``. If the watermark
-  exceeds the effective capacity it is clamped to it (otherwise training could never start).
-* **Validation.** A chunk with mismatched row counts, wrong dimensions, non-integer ids or any
-  non-finite value (NaN/inf) in ``x`` or ``y`` raises ``ValueError`` and *nothing* of it is
-  accepted.
+* **Chunks alive.** A chunk is alive while at least one of its rows is held; ``bytes_live`` is
+  the sum of the sizes of the live chunks (what the buffer keeps from being freed). When a
+  chunk's last row leaves (taken by a FIFO/FIRO get, replaced or discarded by the reservoir, or
+  never inserted) its payload is dropped -- in a study that is the last reference to the object,
+  which Ray then frees once the consumer is done with it.
+* **Bounded in samples and bytes.** ``capacity`` samples; with ``capacity_bytes``, the capacity
+  becomes ``min(capacity, capacity_bytes // bytes_per_sample)`` once the first chunk fixes the
+  sample size (``bytes_per_sample = 4 * (dx + dy)``), and the watermark is clamped to it. A
+  chunk of ``k`` rows keeps all ``k`` alive for one held row, so rows removed at random (FIRO)
+  or kept at random (reservoir) would let ``bytes_live`` grow to many times the held samples'
+  bytes: whenever ``bytes_live`` exceeds its bound (``capacity_bytes``, or else twice the
+  capacity's worth of samples), the sparsest chunks are *compacted* -- their held rows copied
+  into one new chunk by the buffer's ``compact`` function and the old ones dropped. Only rows
+  that stay in the buffer are ever copied this way (the reservoir, once it has seen many times
+  its capacity, keeps few rows of each chunk); FIFO never needs it.
+* **Validation.** :func:`check_chunk` rejects a chunk with mismatched row counts, wrong
+  dimensions, non-integer ids or any non-finite value (NaN/inf) with ``ValueError``; producers
+  run it before they write a chunk, and :meth:`Buffer.put` runs it itself. Nothing of a rejected
+  chunk is accepted.
 * **Deduplication.** The buffer remembers every ``(sim_id, t_index)`` key it has ever received
   (also after the sample left the buffer). A sample with a known key -- or repeated inside the
-  same chunk -- is dropped silently and counted in ``stats()["duplicates"]``. This makes a
-  producer that re-sends a whole simulation after a crash, or retries a timed-out put,
-  idempotent. Keys are kept per simulation in a sorted int64 array (8 bytes per key) plus a small
-  set of recent keys merged into it in amortised O(1) per key.
-* **Watermark.** No ``get`` returns anything until the number of samples held has reached
-  ``watermark`` at least once. After that, gets keep serving even when the fill drops below
+  same chunk -- is dropped and counted in ``stats()["duplicates"]``. This makes a producer that
+  re-sends a whole simulation after a crash, or retries a timed-out put, idempotent. Keys are
+  kept per simulation in a sorted int64 array (8 bytes per key) plus a small set of recent keys
+  merged into it in amortised O(1) per key.
+* **Watermark.** No ``take`` returns anything until the number of samples held has reached
+  ``watermark`` at least once. After that, takes keep serving even when the fill drops below
   the watermark (training must not stall). If the buffer is closed before the watermark is
-  reached, gets proceed with whatever is held.
-* **Short batches.** Once the watermark has been reached, FIFO/FIRO ``get`` returns
+  reached, takes proceed with whatever is held.
+* **Short batches.** Once the watermark has been reached, FIFO/FIRO ``take`` returns
   ``min(batch_size, held)`` samples as soon as at least one is held rather than waiting for a
   full batch. The reservoir always returns exactly ``batch_size`` samples (drawing with
   replacement within the call only when fewer than ``batch_size`` are held).
-* **End of stream.** After :meth:`Buffer.close`, puts raise :class:`BufferClosed`; FIFO/FIRO gets
-  drain what is left and then return ``None``; reservoir gets keep sampling the held set and
+* **End of stream.** After :meth:`Buffer.close`, puts raise :class:`BufferClosed`; FIFO/FIRO takes
+  drain what is left and then return ``None``; reservoir takes keep sampling the held set and
   return ``None`` only if it is empty.
-* **Threads.** All methods are safe to call concurrently from several threads (the buffer is
-  served by a threaded Ray actor): one lock, with a ``not_full`` condition for producers and a
+* **Threads.** All methods are safe to call concurrently from several threads (a buffer shard is
+  a threaded Ray actor): one lock, with a ``not_full`` condition for producers and a
   ``not_empty`` condition for consumers.
 """
 
@@ -55,6 +67,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -62,6 +75,7 @@ import numpy as np
 
 __all__ = [
     "POLICIES",
+    "Batch",
     "Buffer",
     "BufferClosed",
     "Chunk",
@@ -69,6 +83,8 @@ __all__ = [
     "FiroBuffer",
     "PutTimeoutError",
     "ReservoirBuffer",
+    "assemble",
+    "check_chunk",
     "make_buffer",
 ]
 
@@ -112,6 +128,54 @@ class Chunk:
         return int(np.shape(self.x)[0]) if np.ndim(self.x) else 0
 
 
+@dataclass(frozen=True)
+class Batch:
+    """What a take hands the consumer: batch row ``i`` is row ``rows[i]`` of payload ``payloads[index[i]]``.
+
+    ``sim_id [b]`` and ``t_index [b]`` are the keys of the batch rows (for counting, never for training).
+    """
+
+    payloads: list[Any]
+    index: np.ndarray  # (b,) int64 into payloads
+    rows: np.ndarray  # (b,) int64 rows of that payload
+    sim_id: np.ndarray  # (b,) int64
+    t_index: np.ndarray  # (b,) int64
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+
+def assemble(
+    batch: Batch,
+    arrays: Sequence[tuple[np.ndarray, np.ndarray]],
+    out: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gather a batch from its chunks' arrays (``arrays[j] = (x [k, dx], y [k, dy])`` of ``batch.payloads[j]``).
+
+    One copy per value, straight into ``out`` (``x [>=b, dx]``, ``y [>=b, dy]``; e.g. views of pinned
+    tensors) when given; returns ``(x [b, dx], y [b, dy])``. The chunks' arrays are only read, so
+    zero-copy read-only views of the object store do.
+    """
+    b = len(batch)
+    dx, dy = arrays[0][0].shape[1], arrays[0][1].shape[1]
+    if out is None:
+        xo, yo = np.empty((b, dx), np.float32), np.empty((b, dy), np.float32)
+    else:
+        xo, yo = out[0][:b], out[1][:b]
+    if len(arrays) == 1:
+        np.take(arrays[0][0], batch.rows, axis=0, out=xo)
+        np.take(arrays[0][1], batch.rows, axis=0, out=yo)
+        return xo, yo
+    order = np.argsort(batch.index, kind="stable")
+    cuts = np.flatnonzero(np.diff(batch.index[order])) + 1
+    for pos in np.split(order, cuts):
+        x, y = arrays[int(batch.index[pos[0]])]
+        r = batch.rows[pos]
+        xo[pos] = x[r]
+        yo[pos] = y[r]
+    return xo, yo
+
+
 def _check_int(name: str, value: Any, minimum: int) -> int:
     # bool is an int subclass; `capacity=True` is almost certainly a bug, so reject it.
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -121,42 +185,54 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
-def _validate_chunk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Return ``(x, y, sim_id, t_index)`` as float32 / int64 arrays or raise ``ValueError``.
-
-    Done before the lock is taken (it only reads the chunk) so that an invalid chunk is
-    rejected as a whole and never holds up other threads.
-    """
-    x = np.asarray(chunk.x)
-    y = np.asarray(chunk.y)
-    sim = np.asarray(chunk.sim_id)
-    t = np.asarray(chunk.t_index)
-    if x.ndim != 2 or y.ndim != 2:
-        raise ValueError(f"chunk.x and chunk.y must be 2-D [k, d], got shapes {x.shape} and {y.shape}")
+def _check_keys(sim: Any, t: Any, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    sim, t = np.asarray(sim), np.asarray(t)
     if sim.ndim != 1 or t.ndim != 1:
         raise ValueError(f"chunk.sim_id and chunk.t_index must be 1-D [k], got shapes {sim.shape} and {t.shape}")
-    k = x.shape[0]
-    if not (y.shape[0] == sim.shape[0] == t.shape[0] == k):
-        raise ValueError(
-            f"chunk fields disagree on the number of samples k: x {x.shape[0]}, y {y.shape[0]}, "
-            f"sim_id {sim.shape[0]}, t_index {t.shape[0]}"
-        )
-    for name, arr in (("x", x), ("y", y)):
-        if arr.dtype.kind not in "fiu":
-            raise ValueError(f"chunk.{name} must be real numeric, got dtype {arr.dtype}")
     for name, arr in (("sim_id", sim), ("t_index", t)):
         # An empty list becomes float64; that carries no value, so let it through.
         if arr.dtype.kind not in "iu" and arr.size:
             raise ValueError(f"chunk.{name} must be integer, got dtype {arr.dtype}")
+    if sim.shape[0] != t.shape[0] or (k is not None and sim.shape[0] != k):
+        raise ValueError(
+            f"chunk fields disagree on the number of samples k: sim_id {sim.shape[0]}, t_index {t.shape[0]}"
+            + (f", x/y {k}" if k is not None else "")
+        )
+    return sim.astype(np.int64, copy=False), t.astype(np.int64, copy=False)
+
+
+def check_chunk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Return ``(x, y, sim_id, t_index)`` as contiguous float32 / int64 arrays or raise ``ValueError``.
+
+    Producers run it before they write a chunk where consumers read it, so that an invalid chunk is
+    rejected as a whole and never reaches a buffer or a trainer.
+    """
+    x = np.asarray(chunk.x)
+    y = np.asarray(chunk.y)
+    if x.ndim != 2 or y.ndim != 2:
+        raise ValueError(f"chunk.x and chunk.y must be 2-D [k, d], got shapes {x.shape} and {y.shape}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"chunk fields disagree on the number of samples k: x {x.shape[0]}, y {y.shape[0]}")
+    sim, t = _check_keys(chunk.sim_id, chunk.t_index, x.shape[0])
+    for name, arr in (("x", x), ("y", y)):
+        if arr.dtype.kind not in "fiu":
+            raise ValueError(f"chunk.{name} must be real numeric, got dtype {arr.dtype}")
     # Cast first, then test: a float64 value beyond float32 range would become inf in storage.
     with np.errstate(over="ignore"):  # overflow -> inf, reported just below
-        x = np.asarray(x, dtype=np.float32)
-        y = np.asarray(y, dtype=np.float32)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        y = np.ascontiguousarray(y, dtype=np.float32)
     if not np.isfinite(x).all():
         raise ValueError("chunk.x contains non-finite values (NaN or inf); chunk rejected")
     if not np.isfinite(y).all():
         raise ValueError("chunk.y contains non-finite values (NaN or inf); chunk rejected")
-    return x, y, sim.astype(np.int64, copy=False), t.astype(np.int64, copy=False)
+    return x, y, sim, t
+
+
+def compact_arrays(segments: Sequence[tuple[Any, np.ndarray]]) -> Any:
+    """The default ``compact``: payloads are ``(x, y)`` arrays; the held rows of each, in one new ``(x, y)``."""
+    x = np.concatenate([p[0][r] for p, r in segments])
+    y = np.concatenate([p[1][r] for p, r in segments])
+    return (x, y)
 
 
 def _first_occurrences(sim: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -235,17 +311,38 @@ class _SimKeys:
             self.merged = self.merged[~np.isin(self.merged, t)]
 
 
-class Buffer:
-    """Base class: storage, validation, deduplication, watermark, statistics and locking.
+@dataclass
+class _Entry:
+    """A chunk the buffer refers to: its payload, row count, size, and how many of its rows are held."""
 
-    Subclasses implement the policy hooks ``_insert_locked`` (called from ``put`` with the lock
-    held and the deduplicated rows) and ``_take_locked`` (called from ``get`` with the lock held
+    payload: Any
+    rows: int
+    nbytes: int
+    live: int = 0
+
+
+class Buffer:
+    """Base class: slots, keys, chunk liveness, compaction, watermark, statistics and locking.
+
+    Subclasses implement the policy hooks ``_insert_locked`` (called from ``put_ref`` with the lock
+    held and the deduplicated rows) and ``_take_locked`` (called from ``take`` with the lock held
     and at least one sample present). Use :func:`make_buffer` to construct one.
+
+    ``compact(segments)`` builds one payload from ``[(payload, rows), ...]`` (the held rows of
+    sparse chunks, in order); the default reads ``(x, y)`` array payloads.
     """
 
     policy: ClassVar[str] = ""
+    removes: ClassVar[bool] = True  # whether a take removes the samples it returns
 
-    def __init__(self, capacity: int, watermark: int, capacity_bytes: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        watermark: int,
+        capacity_bytes: int | None = None,
+        seed: int = 0,
+        compact: Callable[[Sequence[tuple[Any, np.ndarray]]], Any] = compact_arrays,
+    ) -> None:
         capacity = _check_int("capacity", capacity, 1)
         watermark = _check_int("watermark", watermark, 0)
         if watermark > capacity:
@@ -259,18 +356,31 @@ class Buffer:
         self._capacity = capacity
         self._watermark = watermark
         self._rng = np.random.default_rng(seed)
+        self._compact = compact
 
         self._lock = threading.Lock()
         self._not_full = threading.Condition(self._lock)  # producers wait here (FIFO/FIRO)
         self._not_empty = threading.Condition(self._lock)  # consumers wait here
 
-        # Storage, allocated at the first put (dims unknown before).
+        # Slots, allocated at the first put (the sample size is unknown before): slot -> (chunk, row).
         self._dx: int | None = None
         self._dy: int | None = None
-        self._X: np.ndarray | None = None
-        self._Y: np.ndarray | None = None
-        self._seen: np.ndarray | None = None  # per-slot count of times returned by get
+        self._bps = 0
+        self._slot_chunk = np.empty(0, dtype=np.int64)
+        self._slot_row = np.empty(0, dtype=np.int64)
+        self._slot_sim = np.empty(0, dtype=np.int64)
+        self._slot_t = np.empty(0, dtype=np.int64)
+        self._seen = np.empty(0, dtype=np.int64)  # per-slot count of times returned by take
         self._held = 0
+
+        self._chunks: dict[int, _Entry] = {}
+        self._pinned: set[int] = set()  # chunks whose put is still inserting rows
+        self._next_chunk = 0
+        self._bytes_live = 0
+        self._released = 0
+        self._compactions = 0
+        self._rows_compacted = 0
+        self._compaction_errors = 0
 
         # Dedup memory: sim_id -> t_index values ever received. For the blocking policies it also
         # holds the keys of a put still waiting for space, so that two concurrent re-sends of the
@@ -288,39 +398,74 @@ class Buffer:
     # ------------------------------------------------------------------ public API
 
     def put(self, chunk: Chunk, timeout: float | None = None) -> int:
-        """Insert the samples of ``chunk``; return how many new (non-duplicate) samples were taken.
+        """Validate ``chunk`` (:func:`check_chunk`) and insert it with itself as the payload; see :meth:`put_ref`."""
+        x, y, sim, t = check_chunk(chunk)
+        return self.put_ref((x, y), sim, t, x.nbytes + y.nbytes, (x.shape[1], y.shape[1]), timeout=timeout)
 
-        Duplicates (keys received before, or repeated inside the chunk) are dropped and counted.
-        FIFO/FIRO block while full: they insert what fits, wait for gets to free space, and so
-        on until the whole chunk is in. If ``timeout`` (seconds; ``None`` = wait forever, 0 =
-        don't wait) expires first, :class:`PutTimeoutError` (a ``TimeoutError``) is raised
-        *after* inserting what fitted -- retrying the same chunk is safe thanks to dedup. The
-        reservoir never blocks and returns the number of samples offered to the reservoir
-        (each is then stored or discarded per Algorithm R; discards count as ``evicted``).
+    def put_ref(
+        self,
+        payload: Any,
+        sim_id: Any,
+        t_index: Any,
+        nbytes: int,
+        dims: tuple[int, int],
+        timeout: float | None = None,
+    ) -> int:
+        """Insert the ``k`` samples of a chunk written elsewhere; return how many new (non-duplicate) ones were taken.
 
-        Raises ``ValueError`` for an invalid chunk (nothing inserted) and :class:`BufferClosed`
-        if the buffer is closed (also when closed while this put waits for space).
+        ``payload`` is what the consumer will read the chunk from (kept, never looked into),
+        ``sim_id [k]`` / ``t_index [k]`` the keys of its rows, ``nbytes`` its size and ``dims`` its
+        ``(dx, dy)``. Duplicates (keys received before, or repeated inside the chunk) are dropped and
+        counted. FIFO/FIRO block while full: they insert what fits, wait for takes to free space, and
+        so on until the whole chunk is in. If ``timeout`` (seconds; ``None`` = wait forever, 0 =
+        don't wait) expires first, :class:`PutTimeoutError` (a ``TimeoutError``) is raised *after*
+        inserting what fitted -- retrying the same chunk is safe thanks to dedup. The reservoir never
+        blocks and returns the number of samples offered to it (each is then stored or discarded per
+        Algorithm R; discards count as ``evicted``).
+
+        Raises ``ValueError`` for invalid keys, dims or size (nothing inserted) and
+        :class:`BufferClosed` if the buffer is closed (also when closed while this put waits).
         """
-        x, y, sim, t = _validate_chunk(chunk)
+        sim, t = _check_keys(sim_id, t_index)
+        if not (isinstance(dims, (tuple, list)) and len(dims) == 2):
+            raise ValueError(f"dims must be (dx, dy), got {dims!r}")
+        dx, dy = _check_int("dx", dims[0], 0), _check_int("dy", dims[1], 0)
+        nbytes = _check_int("nbytes", nbytes, 0)
+        if self._capacity_bytes is not None and nbytes > self._capacity_bytes:
+            raise ValueError(
+                f"a chunk of {nbytes} bytes is larger than the buffer's capacity_bytes ({self._capacity_bytes}); "
+                "send smaller chunks"
+            )
         first = _first_occurrences(sim, t)
         deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
         with self._lock:
             if self._closed:
                 raise BufferClosed(f"put on a closed {self.policy} buffer")
-            if x.shape[0] == 0:
+            if sim.shape[0] == 0:
                 if self._dx is not None:
-                    self._check_dims(x.shape[1], y.shape[1])
+                    self._check_dims(dx, dy)
                 return 0
-            self._ensure_storage(x.shape[1], y.shape[1])
+            self._ensure_storage(dx, dy)
             new = first & ~self._known_mask(sim, t)
             rows = np.flatnonzero(new)
             self._duplicates += sim.shape[0] - rows.size
             if rows.size == 0:
                 return 0
-            return self._insert_locked(x, y, sim, t, rows, deadline)
+            cid = self._next_chunk
+            self._next_chunk += 1
+            self._chunks[cid] = _Entry(payload, int(sim.shape[0]), nbytes)
+            self._pinned.add(cid)
+            try:
+                return self._insert_locked(cid, sim, t, rows, deadline)
+            finally:
+                self._pinned.discard(cid)
+                if self._chunks[cid].live == 0:
+                    del self._chunks[cid]  # nothing of it held (discarded, or the put gave up)
+                    self._released += 1
+                self._maybe_compact_locked()
 
-    def get(self, batch_size: int, timeout: float | None = None) -> tuple[np.ndarray, np.ndarray] | None:
-        """Return a batch ``(X [b, dx], Y [b, dy])`` of copies, or ``None`` at end of stream.
+    def take(self, batch_size: int, timeout: float | None = None) -> Batch | None:
+        """Return the :class:`Batch` of the next ``batch_size`` samples, or ``None`` at end of stream.
 
         Waits (up to ``timeout`` seconds; ``None`` = forever) until the watermark has been
         reached once -- or the buffer is closed -- and at least one sample is held; raises
@@ -343,14 +488,69 @@ class Buffer:
                         f"get timed out waiting for {what} (held {self._held}, watermark {self._watermark})"
                     )
                 self._not_empty.wait(remaining)
-            xb, yb = self._take_locked(batch_size)
-            self._consumed += xb.shape[0]
-            return xb, yb
+            slots = self._take_locked(batch_size)
+            cids = self._slot_chunk[slots]
+            uniq, inv = np.unique(cids, return_inverse=True)
+            batch = Batch(
+                payloads=[self._chunks[int(c)].payload for c in uniq],
+                index=inv.astype(np.int64).reshape(-1),
+                rows=self._slot_row[slots].copy(),
+                sim_id=self._slot_sim[slots].copy(),
+                t_index=self._slot_t[slots].copy(),
+            )
+            if self.removes:
+                self._unref_locked(cids)
+                self._not_full.notify_all()
+            self._consumed += len(batch)
+            return batch
+
+    def take_many(self, batch_size: int, count: int, timeout: float | None = None) -> list[Batch] | None:
+        """Up to ``count`` batches in one call (waiting, as :meth:`take`, for the first one only).
+
+        The same as ``count`` takes in a row, minus the round trips: once the first batch is drawn
+        the rest are taken from what is held without waiting. ``None`` at end of stream.
+        """
+        count = _check_int("count", count, 1)
+        first = self.take(batch_size, timeout)
+        if first is None:
+            return None
+        out = [first]
+        while len(out) < count:
+            with self._lock:
+                if self._held == 0:
+                    break
+            try:
+                b = self.take(batch_size, timeout=0)
+            except TimeoutError:
+                break
+            if b is None:
+                break
+            out.append(b)
+        return out
+
+    def get(self, batch_size: int, timeout: float | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+        """:meth:`take` a batch of ``(x, y)``-array payloads and :func:`assemble` it: ``(X [b, dx], Y [b, dy])``."""
+        batch = self.take(batch_size, timeout)
+        if batch is None:
+            return None
+        return assemble(batch, batch.payloads)
 
     def close(self) -> None:
         """Refuse further puts and wake every waiting producer and consumer."""
         with self._lock:
             self._closed = True
+            self._not_full.notify_all()
+            self._not_empty.notify_all()
+
+    def drop_all(self) -> None:
+        """Close and let go of every chunk (the study is over: nothing may keep objects alive)."""
+        with self._lock:
+            self._closed = True
+            self._held = 0
+            self._released += len(self._chunks)
+            self._chunks = {}
+            self._bytes_live = 0
+            self._on_allocate_locked()
             self._not_full.notify_all()
             self._not_empty.notify_all()
 
@@ -397,15 +597,16 @@ class Buffer:
         ``watermark`` (effective), ``watermark_reached``, ``received`` (non-duplicate samples
         taken into the stream), ``duplicates``, ``evicted`` (reservoir: replaced or discarded
         samples, always ``received - held``; 0 for FIFO/FIRO which never drop), ``consumed``
-        (samples returned by get, counting repeats), ``samples_seen_total`` (same as
+        (samples returned by take, counting repeats), ``samples_seen_total`` (same as
         ``consumed``), ``seen_mean`` / ``seen_max`` (times the held samples have been returned;
-        0 for FIFO/FIRO, whose samples leave on their first return), ``closed``, ``bytes_held``,
+        0 for FIFO/FIRO, whose samples leave on their first return), ``closed``, ``bytes_held``
+        (the held samples' own bytes), ``bytes_live`` (the live chunks' bytes), ``chunks_live``,
+        ``chunks_released``, ``compactions``, ``rows_compacted``, ``compaction_errors``,
         ``bytes_per_sample`` (0 before the first put), ``dx``, ``dy`` (``None`` before the first
         put), ``n_sims`` (distinct simulation ids received).
         """
         with self._lock:
-            bps = 0 if self._dx is None else 4 * (self._dx + int(self._dy or 0))
-            if self._held and self._seen is not None:
+            if self._held and self._seen.size:
                 seen = self._seen[self._held_slots_locked()]
                 seen_mean, seen_max = float(seen.mean()), int(seen.max())
             else:
@@ -425,8 +626,14 @@ class Buffer:
                 "seen_mean": seen_mean,
                 "seen_max": seen_max,
                 "closed": self._closed,
-                "bytes_held": self._held * bps,
-                "bytes_per_sample": bps,
+                "bytes_held": self._held * self._bps,
+                "bytes_live": self._bytes_live,
+                "chunks_live": sum(1 for e in self._chunks.values() if e.live),
+                "chunks_released": self._released,
+                "compactions": self._compactions,
+                "rows_compacted": self._rows_compacted,
+                "compaction_errors": self._compaction_errors,
+                "bytes_per_sample": self._bps,
                 "dx": self._dx,
                 "dy": self._dy,
                 "n_sims": len(self._received_by_sim),
@@ -434,20 +641,19 @@ class Buffer:
 
     # ------------------------------------------------------------------ policy hooks
 
-    def _insert_locked(
-        self, x: np.ndarray, y: np.ndarray, sim: np.ndarray, t: np.ndarray, rows: np.ndarray, deadline: float | None
-    ) -> int:
+    def _insert_locked(self, cid: int, sim: np.ndarray, t: np.ndarray, rows: np.ndarray, deadline: float | None) -> int:
         raise NotImplementedError
 
-    def _take_locked(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    def _take_locked(self, batch_size: int) -> np.ndarray:
+        """The slots of the batch, in batch order (removed from the held set by removing policies)."""
         raise NotImplementedError
 
-    def _held_slots_locked(self) -> np.ndarray | slice:
-        """Index of the slots currently holding samples (for statistics)."""
+    def _held_slots_locked(self) -> np.ndarray:
+        """Index of the slots currently holding samples."""
         raise NotImplementedError
 
     def _on_allocate_locked(self) -> None:
-        """Allocate policy-specific slot bookkeeping once the capacity is final."""
+        """(Re)set policy-specific slot bookkeeping once the capacity is final."""
 
     # ------------------------------------------------------------------ shared helpers (lock held)
 
@@ -462,20 +668,88 @@ class Buffer:
         bps = 4 * (dx + dy)
         capacity = self._requested_capacity
         if self._capacity_bytes is not None:
-            by_bytes = self._capacity_bytes // bps
+            # Half the byte budget for the held samples, half for the rest of the chunks they keep alive.
+            by_bytes = self._capacity_bytes // (2 * max(1, bps))
             if by_bytes < 1:
                 raise ValueError(
-                    f"capacity_bytes={self._capacity_bytes} cannot hold one sample of {bps} bytes (dx={dx}, dy={dy})"
+                    f"capacity_bytes={self._capacity_bytes} cannot hold one sample of {bps} bytes (dx={dx}, dy={dy}) "
+                    "with room for its chunk (twice the sample's bytes)"
                 )
             capacity = min(capacity, by_bytes)
         self._capacity = capacity
         # Clamp: a watermark above what the buffer can ever hold would block training forever.
         self._watermark = min(self._requested_watermark, capacity)
-        self._X = np.empty((capacity, dx), dtype=np.float32)
-        self._Y = np.empty((capacity, dy), dtype=np.float32)
+        self._slot_chunk = np.full(capacity, -1, dtype=np.int64)
+        self._slot_row = np.zeros(capacity, dtype=np.int64)
+        self._slot_sim = np.zeros(capacity, dtype=np.int64)
+        self._slot_t = np.zeros(capacity, dtype=np.int64)
         self._seen = np.zeros(capacity, dtype=np.int64)
-        self._dx, self._dy = dx, dy
+        self._dx, self._dy, self._bps = dx, dy, bps
         self._on_allocate_locked()
+
+    def _fill_slots_locked(self, slots: Any, cid: int, rows: np.ndarray, sim: np.ndarray, t: np.ndarray) -> None:
+        """Point ``slots`` at rows ``rows`` of chunk ``cid`` (their keys ``sim``/``t``); the slots were free."""
+        self._slot_chunk[slots] = cid
+        self._slot_row[slots] = rows
+        self._slot_sim[slots] = sim[rows]
+        self._slot_t[slots] = t[rows]
+        self._seen[slots] = 0
+        entry = self._chunks[cid]
+        if entry.live == 0:
+            self._bytes_live += entry.nbytes
+        entry.live += int(rows.size)
+
+    def _unref_locked(self, cids: np.ndarray) -> None:
+        """The slots of ``cids`` (one entry per slot) no longer hold their rows; free chunks left with none."""
+        if cids.size == 0:
+            return
+        uniq, counts = np.unique(cids, return_counts=True)
+        for cid, n in zip(uniq.tolist(), counts.tolist(), strict=True):
+            entry = self._chunks[cid]
+            entry.live -= n
+            if entry.live == 0:
+                self._bytes_live -= entry.nbytes
+                if cid not in self._pinned:  # a put still inserting keeps its chunk; it frees it itself
+                    del self._chunks[cid]
+                    self._released += 1
+
+    def _maybe_compact_locked(self) -> None:
+        """When the live bytes exceed their bound, copy the held rows of chunks less than half held into one chunk."""
+        if not self._held:
+            return
+        limit = self._capacity_bytes if self._capacity_bytes is not None else 2 * self._capacity * self._bps
+        if self._bytes_live <= limit:
+            return
+        sparse = [c for c, e in self._chunks.items() if e.live and 2 * e.live < e.rows and c not in self._pinned]
+        if not sparse:
+            return
+        held = np.asarray(self._held_slots_locked(), dtype=np.int64).reshape(-1)
+        cids = self._slot_chunk[held]
+        mask = np.isin(cids, np.asarray(sparse, dtype=np.int64))
+        slots, owners = held[mask], cids[mask]
+        order = np.argsort(owners, kind="stable")
+        slots, owners = slots[order], owners[order]
+        cuts = np.flatnonzero(np.diff(owners)) + 1
+        groups = np.split(slots, cuts)
+        segments = [(self._chunks[int(self._slot_chunk[g[0]])].payload, self._slot_row[g]) for g in groups]
+        try:
+            payload = self._compact(segments)
+        except Exception:
+            # Nothing changed: the sparse chunks stay as they are; the next put tries again.
+            self._compaction_errors += 1
+            return
+        cid = self._next_chunk
+        self._next_chunk += 1
+        n = int(slots.size)
+        self._chunks[cid] = _Entry(payload, n, n * self._bps, live=n)
+        self._bytes_live += n * self._bps
+        self._slot_chunk[slots] = cid
+        self._slot_row[slots] = np.arange(n, dtype=np.int64)
+        for old in sparse:
+            self._bytes_live -= self._chunks.pop(old).nbytes
+        self._released += len(sparse)
+        self._compactions += 1
+        self._rows_compacted += n
 
     def _known_mask(self, sim: np.ndarray, t: np.ndarray) -> np.ndarray:
         """Mask of rows whose key is already in the dedup memory."""
@@ -513,9 +787,7 @@ class Buffer:
 class _BlockingBuffer(Buffer):
     """Shared put logic of FIFO and FIRO: insert what fits, wait on ``not_full`` for the rest."""
 
-    def _insert_locked(
-        self, x: np.ndarray, y: np.ndarray, sim: np.ndarray, t: np.ndarray, rows: np.ndarray, deadline: float | None
-    ) -> int:
+    def _insert_locked(self, cid: int, sim: np.ndarray, t: np.ndarray, rows: np.ndarray, deadline: float | None) -> int:
         # Reserve all keys now so a concurrent re-send of the same samples is dropped as duplicate
         # while we wait; the keys of rows we end up not inserting are released again below.
         self._remember_keys(sim[rows], t[rows])
@@ -525,7 +797,7 @@ class _BlockingBuffer(Buffer):
                 free = self._capacity - self._held
                 if free > 0:
                     take = rows[pos : pos + free]
-                    self._store_locked(x[take], y[take])
+                    self._store_locked(cid, take, sim, t)
                     self._count_received(sim[take])
                     pos += take.size
                     self._after_insert()
@@ -550,18 +822,15 @@ class _BlockingBuffer(Buffer):
                 self._forget_keys(sim[rest], t[rest])
         return int(rows.size)
 
-    def _store_locked(self, x: np.ndarray, y: np.ndarray) -> None:
+    def _store_locked(self, cid: int, rows: np.ndarray, sim: np.ndarray, t: np.ndarray) -> None:
         raise NotImplementedError
-
-    def _removed_locked(self) -> None:
-        self._not_full.notify_all()
 
 
 class FifoBuffer(_BlockingBuffer):
-    """FIFO: ``get`` removes and returns the oldest ``min(batch_size, held)`` samples.
+    """FIFO: ``take`` removes and returns the oldest ``min(batch_size, held)`` samples.
 
     Every sample is returned exactly once, in insertion order. Producers block while the buffer
-    is full. Storage is a ring over the preallocated arrays (head + count).
+    is full. The slots are a ring (head + count).
     """
 
     policy = "fifo"
@@ -569,37 +838,28 @@ class FifoBuffer(_BlockingBuffer):
     def _on_allocate_locked(self) -> None:
         self._head = 0  # slot of the oldest sample
 
-    def _ring(self, start: int, n: int) -> np.ndarray | slice:
-        # A plain slice (cheap view/copy) unless the range wraps around the end.
-        if start + n <= self._capacity:
-            return slice(start, start + n)
-        return (start + np.arange(n)) % self._capacity
+    def _ring(self, start: int, n: int) -> np.ndarray:
+        return (start + np.arange(n, dtype=np.int64)) % self._capacity
 
-    def _store_locked(self, x: np.ndarray, y: np.ndarray) -> None:
-        assert self._X is not None and self._Y is not None and self._seen is not None
-        idx = self._ring((self._head + self._held) % self._capacity, x.shape[0])
-        self._X[idx] = x
-        self._Y[idx] = y
-        self._seen[idx] = 0
-        self._held += x.shape[0]
+    def _store_locked(self, cid: int, rows: np.ndarray, sim: np.ndarray, t: np.ndarray) -> None:
+        idx = self._ring((self._head + self._held) % self._capacity, rows.size)
+        self._fill_slots_locked(idx, cid, rows, sim, t)
+        self._held += rows.size
 
-    def _take_locked(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        assert self._X is not None and self._Y is not None and self._seen is not None
+    def _take_locked(self, batch_size: int) -> np.ndarray:
         b = min(batch_size, self._held)
         idx = self._ring(self._head, b)
-        xb, yb = self._X[idx].copy(), self._Y[idx].copy()  # copy: the slots get reused
         self._seen[idx] += 1
         self._head = (self._head + b) % self._capacity
         self._held -= b
-        self._removed_locked()
-        return xb, yb
+        return idx
 
-    def _held_slots_locked(self) -> np.ndarray | slice:
+    def _held_slots_locked(self) -> np.ndarray:
         return self._ring(self._head, self._held)
 
 
 class FiroBuffer(_BlockingBuffer):
-    """FIRO (first in, random out): ``get`` removes and returns ``min(batch_size, held)`` samples
+    """FIRO (first in, random out): ``take`` removes and returns ``min(batch_size, held)`` samples
     chosen uniformly at random without replacement among those held, in random order.
 
     Every sample is returned exactly once. Producers block while the buffer is full. Slots are
@@ -612,22 +872,16 @@ class FiroBuffer(_BlockingBuffer):
     def _on_allocate_locked(self) -> None:
         self._perm = np.arange(self._capacity, dtype=np.int64)
 
-    def _store_locked(self, x: np.ndarray, y: np.ndarray) -> None:
-        assert self._X is not None and self._Y is not None and self._seen is not None
-        n = x.shape[0]
-        slots = self._perm[self._held : self._held + n]
-        self._X[slots] = x
-        self._Y[slots] = y
-        self._seen[slots] = 0
-        self._held += n
+    def _store_locked(self, cid: int, rows: np.ndarray, sim: np.ndarray, t: np.ndarray) -> None:
+        slots = self._perm[self._held : self._held + rows.size]
+        self._fill_slots_locked(slots, cid, rows, sim, t)
+        self._held += rows.size
 
-    def _take_locked(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        assert self._X is not None and self._Y is not None and self._seen is not None
+    def _take_locked(self, batch_size: int) -> np.ndarray:
         n = self._held
         b = min(batch_size, n)
         picks = self._rng.choice(n, size=b, replace=False)  # positions in perm[:n], random order
-        slots = self._perm[picks]
-        xb, yb = self._X[slots], self._Y[slots]  # fancy indexing copies
+        slots = self._perm[picks].copy()
         self._seen[slots] += 1
         # Swap-remove: move the picked positions into the tail perm[n-b:n], then shrink held by b.
         # Picks already in the tail stay; each pick in the head swaps with an unpicked tail position.
@@ -639,10 +893,9 @@ class FiroBuffer(_BlockingBuffer):
         free_tail = cut + np.flatnonzero(~in_tail)
         self._perm[head_picks], self._perm[free_tail] = self._perm[free_tail], self._perm[head_picks].copy()
         self._held = cut
-        self._removed_locked()
-        return xb, yb
+        return slots
 
-    def _held_slots_locked(self) -> np.ndarray | slice:
+    def _held_slots_locked(self) -> np.ndarray:
         return self._perm[: self._held]
 
 
@@ -656,29 +909,23 @@ class ReservoirBuffer(Buffer):
     samples offered. A chunk is processed as if its rows arrived one by one, in order (when two
     rows of a chunk pick the same slot, the later one wins).
 
-    ``get`` returns exactly ``batch_size`` samples drawn uniformly at random *without removal*:
+    ``take`` returns exactly ``batch_size`` samples drawn uniformly at random *without removal*:
     without replacement within the call when ``held >= batch_size``, with replacement otherwise;
     the same sample may appear in later batches. Each slot's seen-count records how many times
     its sample has been returned.
     """
 
     policy = "reservoir"
+    removes = False
 
-    def _insert_locked(
-        self, x: np.ndarray, y: np.ndarray, sim: np.ndarray, t: np.ndarray, rows: np.ndarray, deadline: float | None
-    ) -> int:
-        assert self._X is not None and self._Y is not None and self._seen is not None
+    def _insert_locked(self, cid: int, sim: np.ndarray, t: np.ndarray, rows: np.ndarray, deadline: float | None) -> int:
         self._remember_keys(sim[rows], t[rows])
         m = rows.size
         offered_before = self._received
         # Fill phase: while not full, stream samples go to the next free slot.
         fill = min(m, self._capacity - self._held)
         if fill:
-            head = rows[:fill]
-            sl = slice(self._held, self._held + fill)
-            self._X[sl] = x[head]
-            self._Y[sl] = y[head]
-            self._seen[sl] = 0
+            self._fill_slots_locked(np.arange(self._held, self._held + fill), cid, rows[:fill], sim, t)
             self._held += fill
         rest = rows[fill:]
         if rest.size:
@@ -694,17 +941,16 @@ class ReservoirBuffer(Buffer):
                 _, last_rev = np.unique(slots[::-1], return_index=True)
                 last = slots.size - 1 - last_rev
                 slots, src = slots[last], src[last]
-                self._X[slots] = x[src]
-                self._Y[slots] = y[src]
-                self._seen[slots] = 0
+                # The occupants let go of their chunks before the new rows take the slots.
+                self._unref_locked(self._slot_chunk[slots])
+                self._fill_slots_locked(slots, cid, src, sim, t)
             # Each row past the fill phase evicts exactly one sample: the occupant it replaced or itself.
             self._evicted += int(rest.size)
         self._count_received(sim[rows])
         self._after_insert()
         return int(m)
 
-    def _take_locked(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        assert self._X is not None and self._Y is not None and self._seen is not None
+    def _take_locked(self, batch_size: int) -> np.ndarray:
         n = self._held
         if n >= batch_size:
             idx = self._rng.choice(n, size=batch_size, replace=False)
@@ -712,25 +958,33 @@ class ReservoirBuffer(Buffer):
             idx = self._rng.integers(0, n, size=batch_size)
         # np.add.at counts repeated indices (possible when drawing with replacement).
         np.add.at(self._seen, idx, 1)
-        return self._X[idx], self._Y[idx]
+        return idx.astype(np.int64)
 
-    def _held_slots_locked(self) -> np.ndarray | slice:
-        return slice(0, self._held)
+    def _held_slots_locked(self) -> np.ndarray:
+        return np.arange(self._held, dtype=np.int64)
 
 
 POLICIES: dict[str, type[Buffer]] = {"fifo": FifoBuffer, "firo": FiroBuffer, "reservoir": ReservoirBuffer}
 
 
-def make_buffer(policy: str, capacity: int, watermark: int, capacity_bytes: int | None = None, seed: int = 0) -> Buffer:
+def make_buffer(
+    policy: str,
+    capacity: int,
+    watermark: int,
+    capacity_bytes: int | None = None,
+    seed: int = 0,
+    compact: Callable[[Sequence[tuple[Any, np.ndarray]]], Any] = compact_arrays,
+) -> Buffer:
     """Build a buffer.
 
     ``policy`` is one of ``"fifo"``, ``"firo"``, ``"reservoir"`` (case-insensitive).
     ``capacity >= 1`` samples; ``0 <= watermark <= capacity``; optional ``capacity_bytes`` caps
-    the capacity to ``capacity_bytes // (4 * (dx + dy))`` once the first chunk fixes the dims
-    (watermark clamped to the result); ``seed`` seeds the policy's numpy ``Generator``.
-    Raises ``ValueError`` naming the offending argument.
+    the capacity to ``capacity_bytes // (2 * 4 * (dx + dy))`` once the first chunk fixes the dims
+    (watermark clamped to the result) and bounds the live chunks' bytes; ``seed`` seeds the
+    policy's numpy ``Generator``; ``compact`` builds one payload from the held rows of sparse
+    chunks (see :class:`Buffer`). Raises ``ValueError`` naming the offending argument.
     """
     key = policy.lower() if isinstance(policy, str) else policy
     if key not in POLICIES:
         raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {policy!r}")
-    return POLICIES[key](capacity, watermark, capacity_bytes=capacity_bytes, seed=seed)
+    return POLICIES[key](capacity, watermark, capacity_bytes=capacity_bytes, seed=seed, compact=compact)

@@ -152,13 +152,15 @@ def test_float64_input_is_stored_as_float32() -> None:
 
 def test_capacity_bytes_caps_capacity_and_clamps_watermark() -> None:
     bps = 4 * (DX + DY)  # 32 bytes per sample
-    buf = make_buffer("fifo", 100, 50, capacity_bytes=10 * bps + 7)
+    # Half the byte budget holds samples, the other half is room for the rest of their chunks.
+    buf = make_buffer("fifo", 100, 50, capacity_bytes=20 * bps + 7)
     assert buf.capacity == 100  # not known until the first chunk fixes the sample size
     assert buf.put(chunk(0, 10)) == 10
     s = buf.stats()
     assert s["capacity"] == 10 and s["capacity_requested"] == 100
     assert s["watermark"] == 10 and s["watermark_reached"]  # clamped, so training can start
     assert s["bytes_held"] == 10 * bps and s["bytes_per_sample"] == bps
+    assert s["bytes_live"] == 10 * bps and s["chunks_live"] == 1
     with pytest.raises(TimeoutError):
         buf.put(chunk(10, 1), timeout=0)
     assert len(buf) == 10
@@ -171,7 +173,7 @@ def test_capacity_bytes_larger_than_capacity_keeps_capacity() -> None:
 
 
 def test_capacity_bytes_below_one_sample() -> None:
-    buf = make_buffer("firo", 100, 0, capacity_bytes=16)
+    buf = make_buffer("firo", 100, 0, capacity_bytes=40)
     with pytest.raises(ValueError, match="capacity_bytes"):
         buf.put(chunk(0, 2))
     assert len(buf) == 0
