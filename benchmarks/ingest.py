@@ -76,7 +76,9 @@ def measure_external(spec, sims: int, clients: int, batch: int, chunk_steps: int
 
     sim_mb = (len(spec.times) * int(np.prod(spec.grid)) * 4) / 2**20
     cfg = IngestConfig(enabled=True, port=0, max_message_mb=64, max_staged_mb=max(256.0, 2 * clients * sim_mb))
-    feed = StudyFeed("bench", spec, buffer, ids, cfg, on_event)
+    from services.dataplane import ShardRouter
+
+    feed = StudyFeed("bench", spec, ShardRouter([buffer]), ids, cfg, on_event)
     srv = serve("127.0.0.1", 0, token=TOKEN, max_message_bytes=64 * 2**20)
     srv.attach(feed)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -105,7 +107,9 @@ def measure_actors(spec, sims: int, actors: int, batch: int, chunk_steps: int) -
             from trainer.problem import ProblemSpec
 
             self.spec = ProblemSpec.from_dict(problem)
-            self.buffer, self.chunk_steps = buffer, chunk_steps
+            from services.dataplane import ShardRouter
+
+            self.router, self.chunk_steps = ShardRouter([buffer], group=1), chunk_steps
             self.traj = trajectory(self.spec.grid[0], len(self.spec.times) - 1)
 
         def ready(self) -> bool:
@@ -125,7 +129,7 @@ def measure_actors(spec, sims: int, actors: int, batch: int, chunk_steps: int) -
                     if parts and (len(parts) >= self.chunk_steps or k == len(self.spec.times) - 1):
                         x, y, i, t = (np.concatenate(a) for a in zip(*parts, strict=True))
                         parts.clear()
-                        ray.get(self.buffer.put.remote(x, y, i, t))
+                        self.router.put(x, y, i, t)
                         n += x.shape[0]
             return n
 
@@ -144,11 +148,11 @@ def measure_actors(spec, sims: int, actors: int, batch: int, chunk_steps: int) -
 
 
 def _buffer(spec):
-    from services.actors import BufferActor
+    from services.actors import BufferShard
 
     per_sample = int(np.prod(spec.grid)) * 4
     capacity = max(16, min(4096, (512 * 2**20) // per_sample))  # at most ~512 MB held
-    return BufferActor.options(num_cpus=0).remote("reservoir", capacity, 0)
+    return BufferShard.options(num_cpus=0).remote("reservoir", capacity, 0)
 
 
 def main() -> int:

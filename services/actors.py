@@ -1,43 +1,61 @@
-"""The Ray actors of a study: thin shells around ``trainer.buffer`` and ``solvers``."""
+"""The Ray actors of a study: thin shells around ``trainer.buffer``, ``solvers`` and ``services.dataplane``."""
 
 from __future__ import annotations
 
-import time
+import os
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import ray
 
 import solvers
-from trainer.buffer import BufferClosed, Chunk, make_buffer
+from services.dataplane import split_by_shard
+from trainer.buffer import Batch, Chunk, check_chunk, make_buffer
 from trainer.problem import ProblemSpec
 
 
+def _compact_refs(segments: Sequence[tuple[Any, np.ndarray]]) -> Any:
+    """A shard's ``compact``: read the sparse chunks in place, write their held rows as one new object."""
+    arrays = ray.get([ref for ref, _ in segments])
+    pairs = list(zip(arrays, segments, strict=True))
+    # (x, y, sim_id, t_index) of the held rows; owned by the shard, which is the only one to refer to it.
+    return ray.put(tuple(np.concatenate([a[i][rows] for a, (_, rows) in pairs]) for i in range(4)))
+
+
 # Separate concurrency groups: producers blocked by backpressure must never starve the
-# trainer's gets (that would deadlock the pipeline) nor the monitor's stats calls.
-@ray.remote(concurrency_groups={"put": 16, "get": 8, "ctl": 4})
-class BufferActor:
-    """One bounded buffer between the solver actors and the Ray Train workers."""
+# trainer's takes (that would deadlock the pipeline) nor the monitor's stats calls.
+@ray.remote(concurrency_groups={"put": 16, "get": 4, "ctl": 4})
+class BufferShard:
+    """The buffer of one trainer rank: object references and row indices, never the arrays."""
 
     def __init__(
         self, policy: str, capacity: int, watermark: int, capacity_bytes: int | None = None, seed: int = 0
     ) -> None:
-        self._buf = make_buffer(policy, capacity, watermark, capacity_bytes=capacity_bytes, seed=seed)
+        self._buf = make_buffer(
+            policy, capacity, watermark, capacity_bytes=capacity_bytes, seed=seed, compact=_compact_refs
+        )
         self._aborted = False
-        self._training: dict[str, Any] = {}
 
     @ray.method(concurrency_group="put")
-    def put(self, x: np.ndarray, y: np.ndarray, sim_id: np.ndarray, t_index: np.ndarray) -> int:
-        """Blocks while a FIFO/FIRO buffer is full (backpressure); raises ``BufferClosed`` after ``close``."""
-        return self._buf.put(Chunk(x=x, y=y, sim_id=sim_id, t_index=t_index))
+    def put(self, refs: list[ray.ObjectRef]) -> tuple[int, int]:
+        """Take a chunk ``(x, y, sim_id, t_index)`` by reference; returns ``(rows, new rows)``.
+
+        ``refs`` is a one-element list so that Ray hands over the reference, not the object. The
+        chunk is mapped in place (zero-copy) only to read its keys and shape. Blocks while a FIFO/FIRO
+        shard is full (backpressure); raises ``BufferClosed`` after ``close``."""
+        x, y, sid, tix = ray.get(refs[0])
+        new = self._buf.put_ref(refs[0], sid, tix, int(x.nbytes + y.nbytes), (int(x.shape[1]), int(y.shape[1])))
+        return int(x.shape[0]), new
 
     @ray.method(concurrency_group="get")
-    def get(self, batch_size: int, timeout: float = 1.0) -> tuple[np.ndarray, np.ndarray] | tuple[()] | None:
-        """A batch, ``()`` if nothing came within ``timeout`` (watermark not reached), ``None`` at end of stream."""
+    def take(self, batch_size: int, count: int = 1, timeout: float = 1.0) -> list[Batch] | tuple[()] | None:
+        """Up to ``count`` batches, ``()`` if nothing came within ``timeout`` (watermark not reached),
+        ``None`` at end of stream."""
         if self._aborted:
             return None
         try:
-            return self._buf.get(batch_size, timeout=timeout)
+            return self._buf.take_many(batch_size, count, timeout=timeout)
         except TimeoutError:
             return ()
 
@@ -53,67 +71,106 @@ class BufferActor:
         self._buf.close()
 
     @ray.method(concurrency_group="ctl")
+    def drop(self) -> None:
+        """Let go of every chunk (the study is over)."""
+        self._aborted = True
+        self._buf.drop_all()
+
+    @ray.method(concurrency_group="ctl")
     def stats(self) -> dict[str, Any]:
-        return {**self._buf.stats(), "training": dict(self._training)}
+        return self._buf.stats()
 
     @ray.method(concurrency_group="ctl")
     def received_by_sim(self) -> dict[int, int]:
         return self._buf.received_by_sim()
 
     @ray.method(concurrency_group="ctl")
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+@ray.remote(num_cpus=0)
+class StudyControl:
+    """What the trainer ranks and the driver share: ranks' nodes, the shards, training progress.
+
+    Rank ``r`` registers its node; the driver creates shard ``r`` on that node and posts the list;
+    the ranks and the producers read it. Rank 0 posts its progress here, every rank its final state.
+    """
+
+    def __init__(self) -> None:
+        self._nodes: dict[int, str] = {}
+        self._shards: list[Any] | None = None
+        self._training: dict[str, Any] = {}
+        self._ranks: dict[int, dict[str, Any]] = {}
+
+    def register_rank(self, rank: int, node: str) -> None:
+        self._nodes[int(rank)] = node
+
+    def nodes(self) -> dict[int, str]:
+        return dict(self._nodes)
+
+    def set_shards(self, shards: list[Any]) -> None:
+        self._shards = list(shards)
+
+    def shards(self) -> list[Any] | None:
+        return self._shards
+
+    def shard(self, rank: int) -> Any:
+        return None if self._shards is None else self._shards[rank]
+
     def report_training(self, stats: dict[str, Any]) -> None:
-        """Rank 0 of the trainer posts its progress here; the study driver reads it with ``stats``."""
+        """Rank 0 of the trainer posts its progress here; the study driver reads it with ``training``."""
         self._training.update(stats)
+
+    def training(self) -> dict[str, Any]:
+        return dict(self._training)
+
+    def report_rank(self, rank: int, state: dict[str, Any]) -> None:
+        """Every rank's state at the end of training (weights digest, normaliser, samples)."""
+        self._ranks[int(rank)] = state
+
+    def ranks(self) -> dict[int, dict[str, Any]]:
+        return dict(self._ranks)
 
 
 # max_restarts/max_task_retries: Ray restarts a dead solver actor and re-runs its unfinished
-# call with the same (sim ids, params, seeds); the buffer drops the samples it already holds
-# by (simulation id, time index), so nothing is lost and nothing is counted twice.
+# call with the same (sim ids, params, seeds); the chunks it had yielded already belong to the
+# driver, and the shards drop the samples they already hold by (simulation id, time index), so
+# nothing is lost and nothing is counted twice.
 @ray.remote(max_restarts=-1, max_task_retries=-1)
 class SolverActor:
-    """Runs batches of simulations and streams their samples to the buffer in chunks."""
+    """Runs batches of simulations and yields their samples in chunks, each written once to the object store.
 
-    def __init__(self, problem: dict[str, Any], buffer: ray.actor.ActorHandle, chunk_steps: int = 10) -> None:
+    ``run`` is a streaming generator: it yields, per chunk, the index of the shard it is for (a small
+    inline object) and then the chunk ``(x, y, sim_id, t_index)``. Objects a generator yields are
+    owned by the caller (the study driver), so they outlive this actor; the driver hands only their
+    references to the shards.
+    """
+
+    def __init__(self, problem: dict[str, Any], chunk_steps: int = 10, shards: int = 1, group: int = 1) -> None:
         self.spec = ProblemSpec.from_dict(problem)
         self.solver = solvers.get(self.spec.solver, **self.spec.solver_config)
-        self.buffer = buffer
         self.chunk_steps = chunk_steps
+        self.shards, self.group = shards, group
 
     def pid(self) -> int:
-        import os
-
         return os.getpid()
 
-    def run(self, sim_ids: np.ndarray, params: np.ndarray, seeds: np.ndarray) -> dict[str, Any]:
-        """Solve ``len(sim_ids)`` simulations; returns samples produced and seconds spent solving."""
-        t0 = time.perf_counter()
-        solve_s = 0.0
-        produced = 0
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def run(self, sim_ids: np.ndarray, params: np.ndarray, seeds: np.ndarray) -> Iterator[Any]:
+        """Solve ``len(sim_ids)`` simulations, yielding ``shard, chunk, shard, chunk, ...``."""
         parts: list[tuple[np.ndarray, ...]] = []
         asm = self.spec.assembler(params, sim_ids)
-        t_solve = time.perf_counter()
-        try:
-            for k, fields in self.solver.stream(params, seeds):  # fields (B, C, *grid)
-                if (s := asm.feed(k, fields)) is not None:
-                    parts.append(s)
-                if parts and (len(parts) >= self.chunk_steps or k == len(self.spec.times) - 1):
-                    solve_s += time.perf_counter() - t_solve
-                    x, y, sid, tix = (np.concatenate(a) for a in zip(*parts, strict=True))
-                    parts.clear()
-                    # Waiting on the put is the backpressure: a full FIFO stalls this solver.
-                    ray.get(self.buffer.put.remote(x, y, sid, tix))
-                    produced += x.shape[0]
-                    t_solve = time.perf_counter()
-        except ray.exceptions.RayTaskError as e:
-            if not (isinstance(e.cause, BufferClosed) or "BufferClosed" in str(e)):
-                raise
-            closed = True
-        else:
-            closed = False
-        return {
-            "produced": produced,
-            "solve_s": solve_s,
-            "wall_s": time.perf_counter() - t0,
-            "closed": closed,
-            "node": ray.get_runtime_context().get_node_id(),
-        }
+        for k, fields in self.solver.stream(params, seeds):  # fields (B, C, *grid)
+            if (s := asm.feed(k, fields)) is not None:
+                parts.append(s)
+            if parts and (len(parts) >= self.chunk_steps or k == len(self.spec.times) - 1):
+                x, y, sid, tix = (np.concatenate(a) for a in zip(*parts, strict=True))
+                parts.clear()
+                # Invalid values (a diverged solve) fail the call here, before anything reaches a shard.
+                x, y, sid, tix = check_chunk(Chunk(x=x, y=y, sim_id=sid, t_index=tix))
+                for shard, rows in split_by_shard(sid, self.shards, self.group):
+                    yield shard
+                    yield (x, y, sid, tix) if rows is None else (x[rows], y[rows], sid[rows], tix[rows])

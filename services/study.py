@@ -1,4 +1,4 @@
-"""Study orchestration on Ray: solver actors -> buffer actor -> Ray Train, driven from one thread.
+"""Study orchestration on Ray: solver actors -> one buffer shard per trainer rank -> Ray Train, from one thread.
 
 The driver assigns simulations by id (parameters and seed fixed per id), keeps every
 solver actor busy with a bounded number of calls in flight, closes the buffer when the
@@ -25,17 +25,20 @@ from typing import Any, Protocol
 import numpy as np
 import ray
 
-from services.actors import BufferActor, SolverActor
+from services.actors import BufferShard, SolverActor, StudyControl
 from services.config import StudyConfig
+from services.dataplane import ShardRouter, merge_stats, put_ref
 from services.metrics import PROGRESS_DIR
 from services.sampling import Sampler, simulation_seeds
-from services.training import train_worker, validation_set
+from services.training import WorkerInputs, train_worker, validation_set
+from trainer.buffer import BufferClosed
 from trainer.dataset import Dataset
 from trainer.problem import ProblemSpec
 
 log = logging.getLogger("surge.study")
 
 _CALLS_IN_FLIGHT = 2  # per solver actor: one running, one queued, so an actor never idles between calls
+_RANKS_WAIT_S = 600.0  # the trainer workers must all have started by then
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,10 @@ class Study:
         self.progress_path = Path(self.store_root) / PROGRESS_DIR / f"{self.id}.json"
         self._rates: dict[str, float] = {"produced_per_s": 0.0, "consumed_per_s": 0.0}
         self._thread: threading.Thread | None = None
-        self.buffer: ray.actor.ActorHandle | None = None
+        self.control: ray.actor.ActorHandle | None = None
+        self.shards: list[ray.actor.ActorHandle] = []
+        self.rank_states: dict[int, dict[str, Any]] = {}
+        self.record_keys = False  # ranks report the keys they trained on (tests)
         self.actors: list[ray.actor.ActorHandle] = []
         self.done_ids: list[int] = []
         self.use_gpu = False
@@ -189,11 +195,7 @@ class Study:
     def stop(self) -> None:
         """Ask the study to end: solvers stop, the trainer validates and publishes once more, then ends."""
         self._stop.set()
-        if self.buffer is not None:
-            try:
-                self.buffer.abort.remote()
-            except Exception:  # the actor may already be gone
-                pass
+        self._shards_call("abort")
 
     def join(self, timeout: float | None = None) -> bool:
         if self._thread is not None:
@@ -217,17 +219,16 @@ class Study:
                 x_val, y_val = validation_set(
                     self.spec, cfg.training.validation_simulations, cfg.training.validation_seed
                 )
-            capacity_bytes = int(cfg.buffer.capacity_mb * 2**20) if cfg.buffer.capacity_mb else None
-            self.buffer = BufferActor.options(num_cpus=0).remote(
-                cfg.buffer.policy, cfg.buffer.capacity, cfg.buffer.watermark, capacity_bytes, cfg.sampler.seed
-            )
+            self.control = StudyControl.remote()
             if cfg.ingest.enabled:
                 self._start_ingest()
             problem = self.spec.to_dict()
-            # Offline (a dataset): no solvers; the trainer reads the store, the buffer actor only relays figures.
+            # Offline (a dataset): no solvers and no shards; the trainer reads the store.
             n_actors = 0 if cfg.dataset else cfg.solvers.actors
             self.actors = [
-                SolverActor.options(num_cpus=cfg.solvers.num_cpus).remote(problem, self.buffer, cfg.solvers.chunk_steps)
+                SolverActor.options(num_cpus=cfg.solvers.num_cpus).remote(
+                    problem, cfg.solvers.chunk_steps, cfg.training.workers, cfg.solvers.sims_per_call
+                )
                 for _ in range(n_actors)
             ]
             trainer = self._make_trainer(ray.put((x_val, y_val)))
@@ -240,6 +241,8 @@ class Study:
 
             trainer_thread = threading.Thread(target=fit, name=f"train-{self.id}", daemon=True)
             trainer_thread.start()
+            if not cfg.dataset:
+                self._make_shards(trainer_thread)
             self.state = "running"
             monitor = threading.Thread(target=self._monitor, name=f"monitor-{self.id}", daemon=True)
             monitor.start()
@@ -251,11 +254,11 @@ class Study:
             # Simulations exhausted (or stop asked): let the trainer drain the buffer and finish.
             if self.feed is not None:
                 self.feed.close("the study needs no more simulations")
-            self.buffer.close.remote()
+            self._shards_call("close")
             while trainer_thread.is_alive():
                 trainer_thread.join(0.5)
                 if self._stop.is_set():
-                    self.buffer.abort.remote()
+                    self._shards_call("abort")
             self._poll()
             if train_error:
                 raise train_error[0]
@@ -277,7 +280,9 @@ class Study:
             log.warning(
                 "study %s: ingest is enabled but SURGE_API_TOKEN is unset; external clients are refused", self.id
             )
-        self.feed = StudyFeed(self.id, self.spec, self.buffer, self.ids, ing, self._external_event)
+        # External simulations come one per stream: each goes whole to its shard.
+        sink = ShardRouter(None, group=self.config.solvers.sims_per_call, control=self.control)
+        self.feed = StudyFeed(self.id, self.spec, sink, self.ids, ing, self._external_event)
         self._grpc = serve(
             ing.host, ing.port, token=self._ingest_token, max_message_bytes=int(ing.max_message_mb * 2**20)
         )
@@ -308,33 +313,20 @@ class Study:
 
     def _make_trainer(self, validation_ref: ray.ObjectRef) -> Any:
         from ray.train import RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
+        from ray.train.torch import TorchConfig, TorchTrainer
 
         t = self.config.training
-        loop_config = {
-            "problem": self.spec.to_dict(),
-            "buffer": self.buffer,
-            "validation": validation_ref,
-            "model": t.model,
-            "arch": dict(t.arch),
-            "batch_size": t.batch_size,
-            "steps": t.steps,
-            "lr": t.lr,
-            "warmup": t.warmup,
-            "validate_every": t.validate_every,
-            "keep_versions": t.keep_versions,
-            "loss": t.loss,
-            "schedule": t.schedule,
-            "decay_every": t.decay_every,
-            "decay_gamma": t.decay_gamma,
-            "norm_steps": t.norm_steps,
-            "dataset": str(Path(self.config.dataset).resolve()) if self.config.dataset else None,
-            "threads": t.threads,
-            "store": self.store_root,
-            "model_name": self.config.served_name,
-            "study_id": self.id,
-            "seed": self.config.sampler.seed,
-        }
+        inputs = WorkerInputs(
+            problem=self.spec.to_dict(),
+            control=self.control,
+            validation=validation_ref,
+            store=self.store_root,
+            model_name=self.config.served_name,
+            study_id=self.id,
+            seed=self.config.sampler.seed,
+            dataset=str(Path(self.config.dataset).resolve()) if self.config.dataset else None,
+            record_keys=self.record_keys,
+        )
         storage = Path(tempfile.gettempdir()) / "surge-ray-train"
         # GPU when asked for and the cluster has one; otherwise train on CPUs rather than wait forever.
         gpus = ray.cluster_resources().get("GPU", 0)
@@ -343,46 +335,80 @@ class Study:
             log.warning("study %s: training.use_gpu is set but the Ray cluster has no GPU; training on CPU", self.id)
         return TorchTrainer(
             train_worker,
-            train_loop_config=loop_config,
+            train_loop_config={"training": t, "inputs": inputs},
+            # NCCL between GPUs, gloo between CPU workers; the device is chosen by Ray Train at run time.
+            torch_config=TorchConfig(backend="nccl" if self.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=self.use_gpu),
             run_config=RunConfig(name=self.id, storage_path=str(storage)),
         )
 
     def _dispatch(self, trainer_alive: Callable[[], bool]) -> None:
+        """Keep every solver actor busy with ``_CALLS_IN_FLIGHT`` calls, each forwarded by a thread of its own."""
         cfg = self.config
-        inflight: dict[ray.ObjectRef, tuple[int, np.ndarray]] = {}
+        done = threading.Condition()
+        finished: list[int] = []  # actor indices whose call has ended
+        running: list[threading.Thread] = []
         load = [0] * len(self.actors)
+
+        def forward(a: int, got: Any) -> None:
+            try:
+                self._forward(self.actors[a], got)
+            finally:
+                with done:
+                    finished.append(a)
+                    done.notify()
+
         while not self._stop.is_set() and trainer_alive():
-            for a, actor in enumerate(self.actors):
+            for a in range(len(self.actors)):
                 while load[a] < _CALLS_IN_FLIGHT:
                     got = self.ids.take(cfg.solvers.sims_per_call, "actors")
                     if got is None:
                         break
-                    ref = actor.run.remote(got.ids, got.params, got.seeds)
-                    inflight[ref] = (a, got.ids)
                     load[a] += 1
                     with self._lock:
                         self._sims["dispatched"] += len(got.ids)
-            if not inflight:
+                    th = threading.Thread(target=forward, args=(a, got), name=f"forward-{self.id}", daemon=True)
+                    th.start()
+                    running.append(th)
+            if not any(load):
                 if self._feeding_done():
                     return
                 # External clients hold the rest (or may hand failed simulations back to the actors).
                 self._stop.wait(0.2)
                 continue
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
-            for ref in ready:
-                a, ids = inflight.pop(ref)
-                load[a] -= 1
-                self._collect(ref, ids)
-        # Stopping: the buffer is aborted by the caller; collect what is still running.
-        if self.buffer is not None and (self._stop.is_set() or not trainer_alive()):
-            self.buffer.abort.remote()
-        for ref, (_, ids) in inflight.items():
-            self._collect(ref, ids, timeout=30)
+            with done:
+                done.wait_for(lambda: bool(finished), timeout=0.5)
+                for a in finished:
+                    load[a] -= 1
+                finished.clear()
+        # Stopping: the shards are aborted, so that blocked forwarders see the end; wait for them.
+        if self._stop.is_set() or not trainer_alive():
+            self._shards_call("abort")
+        for th in running:
+            th.join(30)
 
-    def _collect(self, ref: ray.ObjectRef, ids: np.ndarray, timeout: float | None = None) -> None:
+    def _forward(self, actor: ray.actor.ActorHandle, got: Any) -> None:
+        """Run one call and hand each chunk it yields to its shard, by reference (the backpressure waits here)."""
+        ids = got.ids
+        produced, closed = 0, False
+        t0 = time.perf_counter()
         try:
-            res = ray.get(ref, timeout=timeout)
+            # At most a few chunks ahead of the shard: a solver never makes memory grow without bound.
+            gen = actor.run.options(num_returns="streaming", _generator_backpressure_num_objects=4).remote(
+                ids, got.params, got.seeds
+            )
+            shard = 0
+            for i, ref in enumerate(gen):
+                if i % 2 == 0:
+                    shard = int(ray.get(ref))
+                    continue
+                try:
+                    produced += put_ref(self.shards[shard], ref)[0]
+                except BufferClosed:
+                    closed = True
+                    break
+                finally:
+                    del ref
         except Exception as e:
             # Ray has re-run the call already if the actor died; an error here is the solver's own,
             # and would come back with the same parameters: not re-queued.
@@ -390,16 +416,16 @@ class Study:
             self.ids.settle(ids, "failed")
             with self._lock:
                 self._sims["failed"] += len(ids)
+                self._produced += produced
             return
-        status = "cancelled" if res["closed"] else "done"
+        status = "cancelled" if closed else "done"
         self.ids.settle(ids, status)
         with self._lock:
             self._sims[status] += len(ids)
-            self._produced += res["produced"]
-            self._solve_s += res["solve_s"]
+            self._produced += produced
+            self._solve_s += time.perf_counter() - t0
             if status == "done":
                 self.done_ids.extend(int(i) for i in ids)
-            self._nodes.add(res.get("node", "?"))
 
     def _monitor(self) -> None:
         while self.running:
@@ -410,9 +436,10 @@ class Study:
 
     def _poll(self) -> None:
         """Read the buffer's (and through it the trainer's) figures; publish the progress file."""
-        if self.buffer is not None:
+        if self.control is not None:
             try:
-                st = ray.get(self.buffer.stats.remote(), timeout=5)
+                parts = ray.get([s.stats.remote() for s in self.shards], timeout=5)
+                st = {**merge_stats(parts), "training": ray.get(self.control.training.remote(), timeout=5)}
             except Exception:
                 st = None
             if st is not None:
@@ -421,10 +448,11 @@ class Study:
                 with self._lock:
                     if prev:
                         dt = max(1e-6, now - prev["_time"])
-                        offered, prev_offered = st["received"] + st["duplicates"], prev["received"] + prev["duplicates"]
+                        offered = st.get("received", 0) + st.get("duplicates", 0)
+                        prev_offered = prev.get("received", 0) + prev.get("duplicates", 0)
                         self._rates = {
                             "produced_per_s": (offered - prev_offered) / dt,
-                            "consumed_per_s": (st["consumed"] - prev["consumed"]) / dt,
+                            "consumed_per_s": (st.get("consumed", 0) - prev.get("consumed", 0)) / dt,
                         }
                     self._buffer_stats = {**st, "_time": now}
         self._write_progress()
@@ -449,34 +477,89 @@ class Study:
             self._grpc.detach(self.feed)
             release(self._grpc)
             self._grpc = None
-        if self.buffer is not None:
-            try:
-                self.buffer.abort.remote()
-            except Exception:
-                pass
+        self._shards_call("abort")
         if trainer_thread is not None:
             trainer_thread.join(60)
+        if self.control is not None:
+            try:
+                self.rank_states = ray.get(self.control.ranks.remote(), timeout=30)
+            except Exception:
+                pass
         for a in self.actors:
             try:
                 ray.kill(a, no_restart=True)
             except Exception:
                 pass
-        # The buffer actor is kept until the study object goes away so that its counts can be read.
+        # The shards let go of their chunks now (nothing may keep objects alive after a study); the
+        # actors themselves are kept until the study object goes away, so that their counts can be read.
+        self._shards_call("drop")
 
     def release(self) -> None:
-        """Free the buffer actor (its final counts stay in the last snapshot)."""
-        if self.buffer is not None:
+        """Free the control actor and the shards (their final counts stay in the last snapshot)."""
+        if self.control is not None:
             self._poll()
+            for a in [*self.shards, self.control]:
+                try:
+                    ray.kill(a, no_restart=True)
+                except Exception:
+                    pass
+            self.control, self.shards = None, []
+
+    def _make_shards(self, trainer_thread: threading.Thread) -> None:
+        """One buffer shard per trainer rank, on that rank's node, once the ranks have registered."""
+        cfg = self.config
+        world = cfg.training.workers
+        assert self.control is not None
+        deadline = time.monotonic() + _RANKS_WAIT_S
+        while len(nodes := ray.get(self.control.nodes.remote(), timeout=60)) < world:
+            if not trainer_thread.is_alive():
+                return  # the trainer failed to start; its error is raised by the caller
+            if self._stop.is_set():
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"only {len(nodes)} of {world} trainer workers started within {_RANKS_WAIT_S:.0f} s: "
+                    f"the cluster lacks the CPUs/GPUs for training.workers = {world}"
+                )
+            time.sleep(0.1)
+        capacity_bytes = int(cfg.buffer.capacity_mb * 2**20) if cfg.buffer.capacity_mb else None
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.shards = [
+            BufferShard.options(
+                num_cpus=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=nodes[r], soft=False),
+            ).remote(
+                cfg.buffer.policy,
+                # Capacity and watermark are the study's; each of the world shards holds its share.
+                max(1, cfg.buffer.capacity // world),
+                min(cfg.buffer.watermark // world, max(1, cfg.buffer.capacity // world)),
+                capacity_bytes // world if capacity_bytes else None,
+                cfg.sampler.seed + r,
+            )
+            for r in range(world)
+        ]
+        ray.get(self.control.set_shards.remote(self.shards))
+        try:
+            self._nodes.update(ray.get([a.node.remote() for a in self.actors], timeout=120))
+        except Exception:  # only for the report; a solver that is slow to start is no error
+            pass
+
+    def _shards_call(self, method: str) -> None:
+        for s in self.shards:
             try:
-                ray.kill(self.buffer, no_restart=True)
-            except Exception:
+                getattr(s, method).remote()
+            except Exception:  # the actor may already be gone
                 pass
-            self.buffer = None
 
     # Reading -------------------------------------------------------------------------
     def received_by_sim(self) -> dict[int, int]:
-        assert self.buffer is not None
-        return ray.get(self.buffer.received_by_sim.remote())
+        """``{sim_id: distinct time indices received}`` over every shard (a simulation lives on one)."""
+        out: dict[int, int] = {}
+        for part in ray.get([s.received_by_sim.remote() for s in self.shards]):
+            for k, v in part.items():
+                out[k] = out.get(k, 0) + v
+        return out
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

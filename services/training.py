@@ -1,14 +1,17 @@
-"""The Ray Train worker: pulls batches from the buffer actor and runs ``trainer.loop``.
+"""The Ray Train worker: draws batches from its rank's buffer shard and runs ``trainer.loop``.
 
-Rank 0 validates, publishes checkpoints to the model store and reports progress;
-every rank trains on its own batches (DDP averages the gradients).
+Every rank trains on its own shard's batches (DDP averages the gradients); the normalisation
+statistics of the first steps are merged over every rank's batch, so all ranks scale alike; the
+validation set is split over the ranks and their errors summed; rank 0 publishes checkpoints to
+the model store and reports progress.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,177 +20,226 @@ import ray.train
 import ray.train.torch
 import torch
 
+from services.config import TrainingConfig
+from services.dataplane import ShardBatches
 from trainer.dataset import Dataset
-from trainer.loop import LoopStats, Normaliser, evaluate, make_card, run_loop
+from trainer.loop import LoopHooks, LoopStats, Moments, Normaliser, Schedule, evaluate, make_card, run_loop
 from trainer.models import build_model
 from trainer.problem import ProblemSpec
 from trainer.store import ModelStore
 
+SHARD_WAIT_S = 300.0
 
-def buffer_batches(
-    buffer: ray.actor.ActorHandle,
-    batch_size: int,
-    device: torch.device,
-    in_shape: tuple[int, ...],
-    out_shape: tuple[int, ...],
-    prefetch: int = 2,
-    stop: Any = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor] | None]:
-    """Batches from the buffer actor, keeping ``prefetch`` requests in flight while the step runs."""
-    pending = deque(buffer.get.remote(batch_size) for _ in range(prefetch))
-    while True:
-        out = ray.get(pending.popleft())
-        pending.append(buffer.get.remote(batch_size))
-        if out is None:
-            yield None
-            return
-        if out == ():  # nothing yet (watermark not reached): ask again
-            if stop is not None and stop():
-                yield None
-                return
-            continue
-        x, y = out
-        b = x.shape[0]
-        yield (
-            torch.from_numpy(x).view(b, *in_shape).to(device, non_blocking=True),  # (B, F) or (B, F, *grid)
-            torch.from_numpy(y).view(b, *out_shape).to(device, non_blocking=True),  # (B, C, *grid)
-        )
+
+@dataclass(frozen=True)
+class WorkerInputs:
+    """What a Ray Train worker needs besides the validated ``TrainingConfig``."""
+
+    problem: dict[str, Any]
+    control: Any  # services.actors.StudyControl
+    validation: Any  # ObjectRef of (x_val, y_val)
+    store: str
+    model_name: str
+    study_id: str
+    seed: int
+    dataset: str | None = None
+    record_keys: bool = False  # ranks report the (sim_id, t_index) keys they trained on (tests)
+
+
+def schedule_of(t: TrainingConfig) -> Schedule:
+    """The learning-rate schedule a training config describes."""
+    return Schedule(t.lr, t.steps, t.warmup, t.schedule, t.decay_every, t.decay_gamma)
 
 
 def _agreed(batches: Iterator[Any], world_size: int, device: torch.device) -> Iterator[Any]:
-    """With several workers, stop all of them as soon as one sees the end (else DDP would hang)."""
+    """With several workers, stop all of them as soon as one sees the end (else DDP would hang), and count
+    the step's samples over every rank: one all-reduce of ``[ended, rows]`` per step."""
     for b in batches:
+        rows = 0 if b is None else int(b[0].shape[0])
         if world_size > 1:
-            flag = torch.tensor([0 if b is None else 1], device=device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-            if int(flag.item()) == 0:
+            flag = torch.tensor([1 if b is None else 0, rows], dtype=torch.int64, device=device)
+            torch.distributed.all_reduce(flag)
+            if int(flag[0]) > 0:
                 yield None
                 return
-        yield b
+            rows = int(flag[1])
         if b is None:
+            yield None
             return
+        yield (b[0], b[1], rows)
 
 
-_NODES: set[str] = set()
+def _reduce_moments(m: Moments, world: int) -> Moments:
+    """The moments of every rank's batch, merged in rank order (so the result is bit-identical on all ranks)."""
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, m)
+    out = gathered[0]
+    for g in gathered[1:]:
+        out = out.merge(g)
+    return out
+
+
+def _validate(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, norm: Normaliser, world: int) -> float:
+    """Each rank evaluates its slice of the validation set once; the per-sample errors are summed over ranks."""
+    n_local = x.shape[0]
+    err = evaluate(net, x, y, norm) * n_local if n_local else 0.0
+    if world == 1:
+        return err / max(1, n_local)
+    tot = torch.tensor([err, float(n_local)], dtype=torch.float64, device=x.device)
+    torch.distributed.all_reduce(tot)
+    return float(tot[0] / tot[1].clamp_min(1))
+
+
+def weights_digest(net: torch.nn.Module) -> str:
+    """A hash of the model's parameters (ranks in step hold identical weights)."""
+    h = hashlib.sha256()
+    for name, p in sorted(net.state_dict().items()):
+        if not isinstance(p, torch.Tensor):  # extra state some layers keep (metadata, not weights)
+            continue
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def train_worker(config: dict[str, Any]) -> None:
-    """``train_loop_per_worker`` of the study's ``TorchTrainer``."""
+    """``train_loop_per_worker`` of the study's ``TorchTrainer``.
+
+    ``config`` is ``{"training": TrainingConfig, "inputs": WorkerInputs}`` (Ray Train wants a dict)."""
+    t: TrainingConfig = config["training"]
+    inp: WorkerInputs = config["inputs"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    # Every rank's node, gathered on rank 0 (the study reports where its work ran).
+    control = inp.control
     node = ray.get_runtime_context().get_node_id()
+    ray.get(control.register_rank.remote(rank, node))
+    nodes = [node]
     if world > 1:
         gathered: list[Any] = [None] * world
         torch.distributed.all_gather_object(gathered, node)
-        _NODES.update(gathered)
-    else:
-        _NODES.add(node)
-    if config.get("threads"):
-        torch.set_num_threads(int(config["threads"]))
-    spec = ProblemSpec.from_dict(config["problem"])
-    buffer = config["buffer"]
+        nodes = gathered
+    if t.threads:
+        torch.set_num_threads(int(t.threads))
+    spec = ProblemSpec.from_dict(inp.problem)
     device = ray.train.torch.get_device()
-    arch = dict(config["arch"])
+    arch = dict(t.arch)
     in_ch, out_ch = spec.in_channels, len(spec.outputs)
-    torch.manual_seed(int(config.get("seed", 0)))
-    net = build_model(config["model"], in_ch, out_ch, spec.grid, field_input=spec.field_input, **arch)
+    torch.manual_seed(inp.seed)
+    net = build_model(t.model, in_ch, out_ch, spec.grid, field_input=spec.field_input, **arch)
     model = ray.train.torch.prepare_model(net)
+    net = net.to(device)
 
-    x_val_np, y_val_np = ray.get(config["validation"])
-    n_val = x_val_np.shape[0]
-    # np.array: object-store arrays are read-only
-    x_val = torch.from_numpy(np.array(x_val_np)).view(n_val, *spec.in_shape).to(device)
-    y_val = torch.from_numpy(np.array(y_val_np)).view(n_val, *spec.out_shape).to(device)
+    x_val_np, y_val_np = ray.get(inp.validation)
+    mine = np.arange(rank, x_val_np.shape[0], world)  # this rank's slice of the validation set
+    # np.array copies: object-store arrays are read-only
+    x_val = torch.from_numpy(np.array(x_val_np[mine])).view(mine.size, *spec.in_shape).to(device)
+    y_val = torch.from_numpy(np.array(y_val_np[mine])).view(mine.size, *spec.out_shape).to(device)
 
-    if config.get("dataset"):
-        # Offline: cycle over a zarr dataset (epochs), everything else as online.
-        ds = Dataset(config["dataset"])
+    feed: ShardBatches | None = None
+    if inp.dataset:
+        # Offline: this rank's share of the zarr dataset, epoch after epoch, read lazily.
+        ds = Dataset(inp.dataset)
         ds.check_compatible(spec)
-        source: Iterator[Any] = ds.epochs(config["batch_size"], seed=int(config.get("seed", 0)) + rank, device=device)
+        source: Iterator[Any] = ds.epochs(t.batch_size, seed=inp.seed, device=device, rank=rank, world=world)
     else:
-        source = buffer_batches(buffer, config["batch_size"], device, spec.in_shape, spec.out_shape)
+        deadline = time.monotonic() + SHARD_WAIT_S
+        while (shard := ray.get(control.shard.remote(rank))) is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"rank {rank}: no buffer shard after {SHARD_WAIT_S:.0f} s")
+            time.sleep(0.1)
+        feed = ShardBatches(shard, t.batch_size, device, spec.in_shape, spec.out_shape)
+        if inp.record_keys:
+            feed.keys = []
+        source = iter(feed)
     batches = _agreed(source, world, device)
     t_start = time.perf_counter()
-    first = next(batches, None)  # blocks until the buffer reaches its watermark
+    first = next(batches, None)  # blocks until the shard reaches its watermark
     startup_wait = time.perf_counter() - t_start
     if first is None:
         return
-    # Scalings from running statistics of the stream's first `norm_steps` batches, then fixed (saved in the card).
+    # Scalings from running statistics of the stream's first `norm_steps` steps, then fixed (saved in the card).
     norm = Normaliser()
 
     def stream() -> Iterator[Any]:
         yield first
         yield from batches
 
-    store = ModelStore(config["store"])
-    name = config["model_name"]
+    store = ModelStore(inp.store)
     last_report = [0.0]
+
+    def stats_dict(s: LoopStats) -> dict[str, Any]:
+        return {
+            "step": s.step,
+            "samples_seen": s.samples_seen,
+            "loss": s.loss,
+            "validation_error": s.validation_error,
+            "data_wait_s": s.data_wait_s,
+            "compute_s": s.compute_s,
+            "startup_wait_s": startup_wait,
+            "history": list(s.history),
+            "time": time.time(),
+            "nodes": sorted(set(nodes)),
+            "workers": world,
+        }
 
     def progress(s: LoopStats) -> None:
         now = time.perf_counter()
         if rank == 0 and now - last_report[0] > 0.5:
             last_report[0] = now
-            buffer.report_training.remote(_stats_dict(s, startup_wait, world))
+            control.report_training.remote(stats_dict(s))
 
     def on_validate(s: LoopStats) -> None:
-        metrics = _stats_dict(s, startup_wait, world)
+        metrics = stats_dict(s)
         if rank == 0:
             card = make_card(
                 problem=spec.to_dict(),
-                model_name=config["model"],
+                model_name=t.model,
                 arch=arch,
                 in_channels=in_ch,
                 out_channels=out_ch,
                 grid=spec.grid,
                 norm=norm,
-                stats=s,
-                study_id=config["study_id"],
+                stats=s,  # samples_seen counts every rank's samples
+                study_id=inp.study_id,
                 field_input=spec.field_input,
             )
-            # Every worker has seen its own batches; the card counts them all.
-            card["samples_seen"] = s.samples_seen * world
-            version = store.publish(name, net, card)
-            store.prune(name, int(config.get("keep_versions", 5)))
+            version = store.publish(inp.model_name, net, card)
+            store.prune(inp.model_name, t.keep_versions)
             metrics["version"] = version
-            ray.get(buffer.report_training.remote(metrics))
+            ray.get(control.report_training.remote(metrics))
         ray.train.report({k: v for k, v in metrics.items() if isinstance(v, int | float)})
 
-    run_loop(
+    hooks = LoopHooks(
+        validate=lambda: _validate(net, x_val, y_val, norm, world),
+        on_progress=progress,
+        on_validate=on_validate,
+        reduce_moments=(lambda m: _reduce_moments(m, world)) if world > 1 else None,
+    )
+    stats = run_loop(
         model,
         stream(),
         norm,
-        steps=int(config["steps"]),
-        lr=float(config["lr"]),
-        warmup=int(config.get("warmup", 0)),
-        validate_every=int(config["validate_every"]),
-        validate=lambda: evaluate(model, x_val, y_val, norm),
-        on_progress=progress,
-        on_validate=on_validate,
-        norm_steps=int(config.get("norm_steps", 100)),
+        schedule_of(t),
+        hooks,
+        validate_every=t.validate_every,
+        norm_steps=t.norm_steps,
         field_input=spec.field_input,
-        loss=config.get("loss", "rel_l2"),
-        schedule=config.get("schedule", "cosine"),
-        decay_every=int(config.get("decay_every", 0)),
-        decay_gamma=float(config.get("decay_gamma", 0.5)),
+        loss=t.loss,
     )
-    if rank == 0:
-        ray.get(buffer.report_training.remote({"finished": True}))
-
-
-def _stats_dict(s: LoopStats, startup_wait: float, world: int) -> dict[str, Any]:
-    return {
-        "step": s.step,
-        "samples_seen": s.samples_seen * world,
-        "loss": s.loss,
-        "validation_error": s.validation_error,
-        "data_wait_s": s.data_wait_s,
-        "compute_s": s.compute_s,
-        "startup_wait_s": startup_wait,
-        "history": list(s.history),
-        "time": time.time(),
-        "nodes": sorted(_NODES),
+    if feed is not None:
+        feed.close()
+    state: dict[str, Any] = {
+        "digest": weights_digest(net),
+        "normalisation": norm.to_dict(),
+        "steps": stats.step,
+        "samples_seen": stats.samples_seen,
+        "node": node,
     }
+    if feed is not None and feed.keys is not None:
+        keys = [np.stack(k) for k in feed.keys] or [np.empty((2, 0), np.int64)]
+        state["keys"] = np.concatenate(keys, axis=1)  # (2, n): sim_id, t_index of every row trained on
+    ray.get(control.report_rank.remote(rank, state))
+    if rank == 0:
+        ray.get(control.report_training.remote({"finished": True}))
 
 
 def validation_set(spec: ProblemSpec, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

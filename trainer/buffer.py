@@ -150,7 +150,7 @@ def assemble(
     arrays: Sequence[tuple[np.ndarray, np.ndarray]],
     out: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Gather a batch from its chunks' arrays (``arrays[j] = (x [k, dx], y [k, dy])`` of ``batch.payloads[j]``).
+    """Gather a batch from its chunks' arrays (``arrays[j] = (x [k, dx], y [k, dy], ...)`` of ``batch.payloads[j]``).
 
     One copy per value, straight into ``out`` (``x [>=b, dx]``, ``y [>=b, dy]``; e.g. views of pinned
     tensors) when given; returns ``(x [b, dx], y [b, dy])``. The chunks' arrays are only read, so
@@ -169,7 +169,7 @@ def assemble(
     order = np.argsort(batch.index, kind="stable")
     cuts = np.flatnonzero(np.diff(batch.index[order])) + 1
     for pos in np.split(order, cuts):
-        x, y = arrays[int(batch.index[pos[0]])]
+        x, y = arrays[int(batch.index[pos[0]])][:2]
         r = batch.rows[pos]
         xo[pos] = x[r]
         yo[pos] = y[r]
@@ -229,10 +229,9 @@ def check_chunk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
 
 
 def compact_arrays(segments: Sequence[tuple[Any, np.ndarray]]) -> Any:
-    """The default ``compact``: payloads are ``(x, y)`` arrays; the held rows of each, in one new ``(x, y)``."""
-    x = np.concatenate([p[0][r] for p, r in segments])
-    y = np.concatenate([p[1][r] for p, r in segments])
-    return (x, y)
+    """The default ``compact``: payloads are tuples of arrays ``(x, y, ...)``; their held rows in one new tuple."""
+    width = len(segments[0][0])
+    return tuple(np.concatenate([p[i][r] for p, r in segments]) for i in range(width))
 
 
 def _first_occurrences(sim: np.ndarray, t: np.ndarray) -> np.ndarray:

@@ -15,6 +15,56 @@ import numpy as np
 import torch
 
 
+@dataclass(frozen=True)
+class Moments:
+    """Sufficient statistics of some samples, mergeable across batches and ranks (Chan et al.'s pairwise
+    update for the output's variance, plain float64 sums for the per-channel input statistics)."""
+
+    count: int  # samples
+    y_values: int  # output values (samples x values per sample)
+    y_mean: float
+    y_m2: float  # sum of squared deviations from y_mean
+    x_sum: np.ndarray | None = None  # (C,) float64, field inputs only
+    x_sq: np.ndarray | None = None  # (C,)
+    x_cells: int = 0  # values per channel
+
+    @classmethod
+    def of(cls, x: np.ndarray | None, y: np.ndarray) -> Moments:
+        """``y [B, ...]``; ``x [B, C, *grid]`` field inputs or None."""
+        n = int(y.shape[0])
+        if n == 0:
+            return cls(0, 0, 0.0, 0.0)
+        y64 = np.asarray(y, dtype=np.float64)
+        mean = float(y64.mean())
+        m2 = float(np.square(y64 - mean).sum())
+        if x is None:
+            return cls(n, int(y.size), mean, m2)
+        axes = (0, *range(2, x.ndim))
+        return cls(
+            n,
+            int(y.size),
+            mean,
+            m2,
+            np.sum(x, axis=axes, dtype=np.float64),
+            np.sum(np.square(x, dtype=np.float64), axis=axes),
+            int(x.size // x.shape[1]),
+        )
+
+    def merge(self, other: Moments) -> Moments:
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        na, nb = self.y_values, other.y_values
+        delta = other.y_mean - self.y_mean
+        mean = self.y_mean + delta * nb / (na + nb)
+        m2 = self.y_m2 + other.y_m2 + delta**2 * na * nb / (na + nb)
+        xs = xq = None
+        if self.x_sum is not None and other.x_sum is not None:
+            xs, xq = self.x_sum + other.x_sum, self.x_sq + other.x_sq  # type: ignore[operator]
+        return Moments(self.count + other.count, na + nb, mean, m2, xs, xq, self.x_cells + other.x_cells)
+
+
 @dataclass
 class Normaliser:
     """Affine scalings saved in the model card: outputs ``y = mean + std * model(x')`` and, for
@@ -39,41 +89,40 @@ class Normaliser:
         return norm
 
     count: int = 0
+    _y_values: int = 0
     _y_m2: float = 0.0
+    _x_cells: int = 0
     _x_sum: np.ndarray | None = None
     _x_sq: np.ndarray | None = None
 
     def update(self, x: np.ndarray | None, y: np.ndarray) -> None:
-        """Fold a batch into running means and variances (Chan et al.'s pairwise update): online statistics
-        over the stream, no pass over a dataset needed. ``x`` is ``[B, C, *grid]`` field inputs or None."""
-        n = int(y.shape[0])
-        if n == 0:
+        """Fold a batch into running means and variances: online statistics over the stream, no pass over a
+        dataset needed. ``x`` is ``[B, C, *grid]`` field inputs or None."""
+        self.absorb(Moments.of(x, y))
+
+    def absorb(self, m: Moments) -> None:
+        """Fold in the moments of some samples (one batch, or the union of every rank's batch of a step)."""
+        if m.count == 0:
             return
-        per = y.size // n
-        bm, bv = float(np.mean(y)), float(np.var(y))
-        tot = self.count + n
         if self.count == 0:
-            self.mean, self._y_m2 = bm, bv * y.size
+            self.mean, self._y_m2, tot_values = m.y_mean, m.y_m2, m.y_values
         else:
-            delta = bm - self.mean
-            na, nb = self.count * per, y.size
-            self.mean += delta * nb / (na + nb)
-            self._y_m2 += bv * nb + delta**2 * na * nb / (na + nb)
-        std = float(np.sqrt(self._y_m2 / (tot * per)))
+            mine = Moments(self.count, self._y_values, self.mean, self._y_m2)
+            both = mine.merge(Moments(m.count, m.y_values, m.y_mean, m.y_m2))
+            self.mean, self._y_m2, tot_values = both.y_mean, both.y_m2, both.y_values
+        self._y_values = tot_values
+        std = float(np.sqrt(self._y_m2 / tot_values))
         self.std = std if std > 1e-12 else 1.0
-        if x is not None:
-            axes = (0, *range(2, x.ndim))
-            cells = x.size // x.shape[1]
-            s1, s2 = np.sum(x, axis=axes, dtype=np.float64), np.sum(np.square(x, dtype=np.float64), axis=axes)
-            self._x_sum = s1 if self._x_sum is None else self._x_sum + s1
-            self._x_sq = s2 if self._x_sq is None else self._x_sq + s2
-            cnt = cells * tot / n  # cells per channel over everything seen
-            m = self._x_sum / cnt
-            v = np.maximum(self._x_sq / cnt - m**2, 0.0)
-            self.x_mean = tuple(float(a) for a in m)
+        if m.x_sum is not None and m.x_sq is not None:
+            self._x_sum = m.x_sum.copy() if self._x_sum is None else self._x_sum + m.x_sum
+            self._x_sq = m.x_sq.copy() if self._x_sq is None else self._x_sq + m.x_sq
+            self._x_cells += m.x_cells
+            mean = self._x_sum / self._x_cells
+            var = np.maximum(self._x_sq / self._x_cells - mean**2, 0.0)
+            self.x_mean = tuple(float(a) for a in mean)
             # A constant channel (a fixed parameter, say) is centred but not scaled.
-            self.x_std = tuple(float(np.sqrt(a)) if a > 1e-24 else 1.0 for a in v)
-        self.count = tot
+            self.x_std = tuple(float(np.sqrt(a)) if a > 1e-24 else 1.0 for a in var)
+        self.count += m.count
 
     def encode_x(self, x: torch.Tensor) -> torch.Tensor:
         if self.x_mean is None or self.x_std is None:
@@ -186,36 +235,88 @@ class LoopStats:
     history: list[tuple[int, float]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """The learning-rate schedule of a run: :func:`lr_at` with its settings, the one definition used everywhere."""
+
+    base_lr: float
+    total_steps: int
+    warmup: int = 0
+    kind: str = "cosine"
+    decay_every: int = 1000
+    decay_gamma: float = 0.5
+    min_ratio: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("cosine", "step"):
+            raise ValueError(f"schedule must be 'cosine' or 'step', got {self.kind!r}")
+        if self.total_steps < 1 or self.base_lr <= 0 or self.decay_every < 1:
+            raise ValueError("a schedule needs total_steps >= 1, base_lr > 0 and decay_every >= 1")
+
+    def lr(self, step: int) -> float:
+        return lr_at(
+            step,
+            self.base_lr,
+            self.total_steps,
+            self.warmup,
+            self.min_ratio,
+            self.kind,
+            self.decay_every,
+            self.decay_gamma,
+        )
+
+
+@dataclass
+class LoopHooks:
+    """What the caller plugs into :func:`run_loop`.
+
+    ``validate`` returns the held-out error; ``on_progress`` after every step, ``on_validate`` after
+    every validation (checkpoints); ``should_stop`` is asked before each step; ``reduce_moments``
+    turns one rank's batch statistics into those of every rank's batch of the step (data-parallel
+    training: the normaliser must be the same on every rank).
+    """
+
+    validate: Callable[[], float]
+    on_progress: Callable[[LoopStats], None] | None = None
+    on_validate: Callable[[LoopStats], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    reduce_moments: Callable[[Moments], Moments] | None = None
+
+
 def run_loop(
     model: torch.nn.Module,
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor] | None],
+    batches: Iterator[tuple[torch.Tensor, ...] | None],
     norm: Normaliser,
+    schedule: Schedule,
+    hooks: LoopHooks,
     *,
-    steps: int,
-    lr: float,
-    warmup: int,
     validate_every: int,
-    validate: Callable[[], float],
-    on_progress: Callable[[LoopStats], None] | None = None,
-    on_validate: Callable[[LoopStats], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
     norm_steps: int = 0,
     field_input: bool = False,
     loss: str = "rel_l2",
-    schedule: str = "cosine",
-    decay_every: int = 0,
-    decay_gamma: float = 0.5,
 ) -> LoopStats:
-    """Run ``steps`` optimiser steps over ``batches``; validate (and let the caller checkpoint) every K steps.
+    """Run ``schedule.total_steps`` optimiser steps over ``batches``; validate (and let the caller checkpoint)
+    every ``validate_every`` steps.
 
-    The batch iterator may yield ``None`` at the end of the stream; the loop then validates once more and stops.
-    During the first ``norm_steps`` steps every batch also updates ``norm``'s running statistics.
+    A batch is ``(x, y)`` or ``(x, y, rows)`` where ``rows`` counts the samples of the step over every
+    rank (``samples_seen`` is then exact in data-parallel training). The iterator may yield ``None`` at
+    the end of the stream; the loop then validates once more and stops. During the first
+    ``norm_steps`` steps every batch also updates ``norm``'s running statistics.
     """
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = schedule.total_steps
+    opt = torch.optim.Adam(model.parameters(), lr=schedule.base_lr)
+    loss_fn = LOSSES[loss]
     stats = LoopStats()
     it = iter(batches)
+
+    def validate() -> None:
+        stats.validation_error = hooks.validate()
+        stats.history.append((stats.step, stats.validation_error))
+        if hooks.on_validate is not None:
+            hooks.on_validate(stats)
+
     while stats.step < steps:
-        if should_stop is not None and should_stop():
+        if hooks.should_stop is not None and hooks.should_stop():
             break
         t0 = time.perf_counter()
         batch = next(it, None)
@@ -223,27 +324,22 @@ def run_loop(
         stats.data_wait_s += t1 - t0
         if batch is None:
             break
-        x, y = batch
+        x, y = batch[0], batch[1]
+        rows = int(batch[2]) if len(batch) > 2 else int(x.shape[0])
         if stats.step < norm_steps:
             # The first steps refine the normalisation statistics from the stream itself, then they are frozen.
-            norm.update(x.detach().cpu().numpy() if field_input else None, y.detach().cpu().numpy())
-        rate = lr_at(stats.step, lr, steps, warmup, schedule=schedule, decay_every=decay_every, decay_gamma=decay_gamma)
-        stats.loss = train_step(model, opt, x, y, norm, rate, LOSSES[loss])
+            m = Moments.of(x.detach().cpu().numpy() if field_input else None, y.detach().cpu().numpy())
+            norm.absorb(hooks.reduce_moments(m) if hooks.reduce_moments is not None else m)
+        stats.loss = train_step(model, opt, x, y, norm, schedule.lr(stats.step), loss_fn)
         stats.compute_s += time.perf_counter() - t1
         stats.step += 1
-        stats.samples_seen += x.shape[0]
-        if on_progress is not None:
-            on_progress(stats)
+        stats.samples_seen += rows
+        if hooks.on_progress is not None:
+            hooks.on_progress(stats)
         if stats.step % validate_every == 0 or stats.step == steps:
-            stats.validation_error = validate()
-            stats.history.append((stats.step, stats.validation_error))
-            if on_validate is not None:
-                on_validate(stats)
+            validate()
     if not stats.history or stats.history[-1][0] != stats.step:
-        stats.validation_error = validate()
-        stats.history.append((stats.step, stats.validation_error))
-        if on_validate is not None:
-            on_validate(stats)
+        validate()
     return stats
 
 
@@ -294,8 +390,11 @@ def pick_device(use_gpu: bool) -> torch.device:
 
 
 __all__ = [
+    "LoopHooks",
     "LoopStats",
+    "Moments",
     "Normaliser",
+    "Schedule",
     "evaluate",
     "lr_at",
     "make_card",

@@ -452,13 +452,9 @@ class StudyFeed:
             return
         for attempt in range(_PUT_TRIES):
             try:
-                # Blocks while a FIFO/FIRO buffer is full: the backpressure that reaches the clients.
-                ray.get(self.buffer.put.remote(x, y, sid, tix))
+                # Blocks while a FIFO/FIRO shard is full: the backpressure that reaches the clients.
+                self.buffer.put(x, y, sid, tix)
                 return
-            except ray.exceptions.RayTaskError as e:
-                if isinstance(e.cause, BufferClosed) or "BufferClosed" in str(e):
-                    raise BufferClosed(str(e)) from None
-                raise
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
                 # The same keys again are dropped as duplicates, so trying again is safe.
                 if attempt == _PUT_TRIES - 1:

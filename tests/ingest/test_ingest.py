@@ -20,8 +20,9 @@ import pytest
 import ray
 
 import solvers
-from services.actors import BufferActor
+from services.actors import BufferShard
 from services.config import IngestConfig, parse_config
+from services.dataplane import ShardRouter
 from services.ingest import surge_pb2 as pb
 from services.ingest import surge_pb2_grpc as rpc
 from services.ingest.client import IngestError, connect
@@ -309,9 +310,9 @@ def test_a_client_faster_than_the_trainer_waits_for_credit_and_memory_stays_boun
     sim_bytes = SAMPLES * N * N * 4
     budget, fit = 20, 3  # simulations in all; simulations the buffer holds
     cfg = IngestConfig(enabled=True, port=0, max_staged_mb=2 * sim_bytes / 2**20)  # two simulations staged at most
-    buffer = BufferActor.options(num_cpus=0).remote("fifo", fit * SAMPLES, 0)
+    buffer = BufferShard.options(num_cpus=0).remote("fifo", fit * SAMPLES, 0)
     ids = SimulationIds(Sampler(spec.params, "uniform", 0), 0, budget)
-    feed = StudyFeed("flow", spec, buffer, ids, cfg, lambda *a: None)
+    feed = StudyFeed("flow", spec, ShardRouter([buffer]), ids, cfg, lambda *a: None)
     srv = serve("127.0.0.1", 0, token=TOKEN)
     srv.attach(feed)
     proc = subprocess.Popen(
@@ -339,9 +340,9 @@ def test_a_client_faster_than_the_trainer_waits_for_credit_and_memory_stays_boun
 
         def trainer() -> None:
             while not stop.is_set():
-                out = ray.get(buffer.get.remote(SAMPLES, 0.2))
+                out = ray.get(buffer.take.remote(SAMPLES, 1, 0.2))
                 if out:
-                    drained[0] += out[0].shape[0]
+                    drained[0] += len(out[0])
                 time.sleep(0.01)
 
         t = threading.Thread(target=trainer, daemon=True)
@@ -362,7 +363,9 @@ def test_a_client_faster_than_the_trainer_waits_for_credit_and_memory_stays_boun
 
     # A simulation that could never be staged whole is refused at once rather than waited for.
     ids = SimulationIds(Sampler(spec.params, "uniform", 0), 0, 1)
-    small = StudyFeed("small", spec, buffer, ids, IngestConfig(max_staged_mb=sim_bytes / 2 / 2**20), lambda *a: None)
+    small = StudyFeed(
+        "small", spec, ShardRouter([buffer]), ids, IngestConfig(max_staged_mb=sim_bytes / 2 / 2**20), lambda *a: None
+    )
     srv.attach(small)
     with connect(srv.address, TOKEN) as client:
         sim = client.next_simulation("small")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainer.loop import Normaliser, evaluate, lr_at, rel_l2, run_loop
+from trainer.loop import LoopHooks, Moments, Normaliser, Schedule, evaluate, lr_at, rel_l2, run_loop
 from trainer.models import build_model
 
 
@@ -62,12 +62,9 @@ def test_run_loop_learns_and_counts() -> None:
         model,
         batches(),
         norm,
-        steps=300,
-        lr=3e-3,
-        warmup=10,
+        Schedule(3e-3, 300, warmup=10),
+        LoopHooks(validate=lambda: evaluate(model, x, y, norm), on_validate=lambda s: seen.append(s.step)),
         validate_every=100,
-        validate=lambda: evaluate(model, x, y, norm),
-        on_validate=lambda s: seen.append(s.step),
     )
     assert stats.step == 300 and stats.samples_seen == 300 * 32
     assert seen == [100, 200, 300]
@@ -82,11 +79,9 @@ def test_run_loop_stops_at_end_of_stream() -> None:
         model,
         stream,
         Normaliser(5.0, 1.0),
-        steps=100,
-        lr=1e-3,
-        warmup=0,
+        Schedule(1e-3, 100),
+        LoopHooks(validate=lambda: 0.5),
         validate_every=50,
-        validate=lambda: 0.5,
     )
     assert stats.step == 2
     assert stats.history == [(2, 0.5)]  # validated once more at the end of the stream
@@ -124,3 +119,33 @@ def test_step_schedule_halves_every_interval_and_mse() -> None:
     from trainer.loop import mse
 
     assert float(mse(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 0.0]))) == pytest.approx(5.0)
+
+
+def test_moments_merged_across_ranks_equal_the_union_statistics() -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    parts = [
+        (rng.normal(2.0 * r, 1.0 + r, size=(4 + r, 3, 5)), rng.normal(100.0 * r, 3.0 + r, size=(4 + r, 1, 5)))
+        for r in range(3)
+    ]
+    merged = Moments.of(*parts[0])
+    for x, y in parts[1:]:
+        merged = merged.merge(Moments.of(x, y))
+    norm = Normaliser()
+    norm.absorb(merged)
+    x = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    assert norm.count == x.shape[0]
+    assert norm.mean == pytest.approx(y.mean(), rel=1e-12)
+    assert norm.std == pytest.approx(y.std(), rel=1e-12)
+    np.testing.assert_allclose(norm.x_mean, x.mean(axis=(0, 2)), rtol=1e-12)
+    np.testing.assert_allclose(norm.x_std, x.std(axis=(0, 2)), rtol=1e-10)
+
+
+def test_schedule_object_is_lr_at() -> None:
+    s = Schedule(1e-3, 1000, warmup=10, kind="step", decay_every=100, decay_gamma=0.5)
+    for step in (0, 5, 10, 99, 250, 999):
+        assert s.lr(step) == lr_at(step, 1e-3, 1000, 10, schedule="step", decay_every=100, decay_gamma=0.5)
+    with pytest.raises(ValueError, match="schedule"):
+        Schedule(1e-3, 10, kind="linear")

@@ -1,0 +1,262 @@
+"""The data plane of a study: solver chunks into Ray's object store once, references through buffer shards.
+
+A producer validates a chunk of samples ``(x, y, sim_id, t_index)`` and writes it once into the
+object store: a solver actor yields it from a streaming generator (so that the object belongs to
+the study driver and outlives a solver that dies), the gRPC ingest server ``ray.put`` s it
+(:class:`ShardRouter`). The shard it is for receives only the ``ObjectRef``. Each trainer
+rank draws from its own shard: the shard answers with :class:`trainer.buffer.Batch` es (references
+and row indices), and the rank gathers the rows from zero-copy views of the chunks into its batch
+tensors, the one copy of the way (:class:`ShardBatches`), in a thread that runs ahead of the step.
+
+Routing: simulation ``i`` goes to shard ``(i // group) % n``, where ``group`` is the number of
+simulations a solver call runs together. A whole call then lands on one shard (no split, no copy),
+consecutive calls spread round-robin over the shards, and a simulation that is run again -- Ray
+re-running the call of a killed actor, or a failed simulation handed out again -- always goes back
+to the same shard, whose key memory drops what it already holds: exactly once across shards.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from trainer.buffer import Batch, BufferClosed, Chunk, assemble, check_chunk
+
+SHARDS_WAIT_S = 600.0  # how long a producer waits for the trainer ranks to register their shards
+
+
+class ShardsUnavailable(RuntimeError):
+    """The study's buffer shards did not appear in time (the trainer never started)."""
+
+
+def shard_of(sim_id: np.ndarray, n: int, group: int) -> np.ndarray:
+    """The shard index of each simulation id (see the module docstring)."""
+    return (np.asarray(sim_id, dtype=np.int64) // max(1, group)) % n
+
+
+def _is_closed(e: BaseException) -> bool:
+    cause = getattr(e, "cause", None)
+    return isinstance(cause, BufferClosed) or "BufferClosed" in str(e)
+
+
+def split_by_shard(sim_id: np.ndarray, n: int, group: int) -> list[tuple[int, np.ndarray | None]]:
+    """``[(shard, rows), ...]`` of a chunk; ``rows`` is None when the whole chunk goes to one shard (no copy)."""
+    where = shard_of(sim_id, n, group)
+    if where.size == 0 or (where == where[0]).all():
+        return [(int(where[0]) if where.size else 0, None)]
+    return [(int(s), np.flatnonzero(where == s)) for s in np.unique(where)]
+
+
+def put_ref(shard: Any, ref: ray.ObjectRef) -> tuple[int, int]:
+    """Hand a chunk's reference to a shard and wait (backpressure); ``BufferClosed`` once it is closed."""
+    try:
+        return tuple(ray.get(shard.put.remote([ref])))  # type: ignore[return-value]
+    except ray.exceptions.RayTaskError as e:
+        if _is_closed(e):
+            raise BufferClosed(str(e)) from None
+        raise
+
+
+class ShardRouter:
+    """What producers put samples through: validation, one ``ray.put`` per shard part, references to the shards.
+
+    ``shards`` is the list of shard handles, or ``None`` to fetch it from the study's control actor
+    on first use (the shards exist once the trainer ranks have registered).
+    """
+
+    def __init__(self, shards: list[Any] | None, group: int = 1, control: Any = None) -> None:
+        if shards is None and control is None:
+            raise ValueError("a ShardRouter needs its shards or the control actor that knows them")
+        self._shards = list(shards) if shards is not None else None
+        self._control = control
+        self.group = max(1, int(group))
+        self._lock = threading.Lock()
+
+    @property
+    def shards(self) -> list[Any]:
+        with self._lock:
+            if self._shards is None:
+                deadline = time.monotonic() + SHARDS_WAIT_S
+                while True:
+                    got = ray.get(self._control.shards.remote(), timeout=60)
+                    if got:
+                        self._shards = list(got)
+                        break
+                    if time.monotonic() > deadline:
+                        raise ShardsUnavailable(
+                            f"no buffer shards after {SHARDS_WAIT_S:.0f} s: the trainer ranks never registered"
+                        )
+                    time.sleep(0.2)
+            return self._shards
+
+    def put(self, x: np.ndarray, y: np.ndarray, sim_id: np.ndarray, t_index: np.ndarray) -> int:
+        """Validate and send one chunk; blocks while a FIFO/FIRO shard is full. Returns the rows sent.
+
+        Raises ``ValueError`` for an invalid chunk (nothing sent) and ``BufferClosed`` once a shard is closed.
+        """
+        x, y, sid, tix = check_chunk(Chunk(x=x, y=y, sim_id=sim_id, t_index=t_index))
+        if x.shape[0] == 0:
+            return 0
+        shards = self.shards
+        pending = []
+        for s, rows in split_by_shard(sid, len(shards), self.group):
+            part = (x, y, sid, tix) if rows is None else (x[rows], y[rows], sid[rows], tix[rows])
+            # Written once, owned by this process; the shard and the trainer only read it in place.
+            pending.append(shards[s].put.remote([ray.put(part)]))
+        try:
+            ray.get(pending)
+        except ray.exceptions.RayTaskError as e:
+            if _is_closed(e):
+                raise BufferClosed(str(e)) from None
+            raise
+        return int(x.shape[0])
+
+
+class ShardBatches:
+    """Batches of one trainer rank from its shard, assembled ahead of the step in a thread.
+
+    Each request takes ``per_call`` batches from the shard (one round trip for several steps); the
+    chunks they refer to are fetched with one ``ray.get`` (zero-copy, read-only views of the object
+    store) and their rows copied once into a ring of preallocated tensors -- pinned when the device
+    is a GPU, so that the copy to it is asynchronous. Iterating yields ``(x [b, *in_shape],
+    y [b, *out_shape])`` on ``device``, or ``None`` once at the end of the stream.
+    """
+
+    def __init__(
+        self,
+        shard: Any,
+        batch_size: int,
+        device: torch.device,
+        in_shape: tuple[int, ...],
+        out_shape: tuple[int, ...],
+        prefetch: int = 4,
+        per_call: int = 4,
+        stop: Callable[[], bool] | None = None,
+    ) -> None:
+        self.shard = shard
+        self.batch_size = batch_size
+        self.device = device
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+        self.per_call = per_call
+        self.stop = stop
+        self.keys: list[tuple[np.ndarray, np.ndarray]] | None = None  # set to [] to record (sim_id, t_index)
+        pin = device.type == "cuda"
+        dx, dy = int(np.prod(self.in_shape)), int(np.prod(self.out_shape))
+        # The consumer holds one batch while `prefetch` wait in the queue and one is being filled.
+        self._ring = [
+            (
+                torch.empty((batch_size, dx), dtype=torch.float32, pin_memory=pin),
+                torch.empty((batch_size, dy), dtype=torch.float32, pin_memory=pin),
+            )
+            for _ in range(prefetch + 2)
+        ]
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._fill, name="surge-batches", daemon=True)
+        self._started = False
+
+    def _fill(self) -> None:
+        slot = 0
+        try:
+            while not self._halt.is_set():
+                got = ray.get(self.shard.take.remote(self.batch_size, self.per_call, 1.0))
+                if got is None:
+                    self._queue.put(None)
+                    return
+                if got == ():  # nothing yet (watermark not reached)
+                    if self.stop is not None and self.stop():
+                        self._queue.put(None)
+                        return
+                    continue
+                refs = {r for b in got for r in b.payloads}
+                views = dict(zip(refs, ray.get(list(refs)), strict=True))
+                for b in got:
+                    xt, yt = self._ring[slot]
+                    slot = (slot + 1) % len(self._ring)
+                    n = len(b)
+                    assemble(b, [views[r] for r in b.payloads], out=(xt.numpy(), yt.numpy()))
+                    self._queue.put((xt[:n], yt[:n], b))
+        except BaseException as e:  # handed to the consumer, which raises it in the training loop
+            self._queue.put(e)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor] | None]:
+        if not self._started:
+            self._started = True
+            self._thread.start()
+        while True:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:
+                yield None
+                return
+            x, y, batch = item
+            if self.keys is not None:
+                self.keys.append((batch.sim_id, batch.t_index))
+            b = x.shape[0]
+            nb = self.device.type == "cuda"
+            yield (
+                x.view(b, *self.in_shape).to(self.device, non_blocking=nb),  # (B, F) or (B, C, *grid)
+                y.view(b, *self.out_shape).to(self.device, non_blocking=nb),  # (B, C, *grid)
+            )
+
+    def close(self) -> None:
+        self._halt.set()
+        try:  # unblock a filler waiting on a full queue
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+
+
+def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One buffer's figures from its shards' ``stats()``: counts summed, flags all-or-any."""
+    if not parts:
+        return {}
+    out = dict(parts[0])
+    for k in (
+        "held",
+        "capacity",
+        "capacity_requested",
+        "watermark",
+        "received",
+        "duplicates",
+        "evicted",
+        "consumed",
+        "samples_seen_total",
+        "bytes_held",
+        "bytes_live",
+        "chunks_live",
+        "chunks_released",
+        "compactions",
+        "rows_compacted",
+        "compaction_errors",
+        "n_sims",
+    ):
+        out[k] = sum(int(p.get(k, 0)) for p in parts)
+    out["watermark_reached"] = all(p.get("watermark_reached") for p in parts)
+    out["closed"] = all(p.get("closed") for p in parts)
+    out["seen_max"] = max(int(p.get("seen_max", 0)) for p in parts)
+    held = out["held"]
+    out["seen_mean"] = sum(p.get("seen_mean", 0.0) * p.get("held", 0) for p in parts) / held if held else 0.0
+    out["shards"] = len(parts)
+    return out
+
+
+__all__ = [
+    "Batch",
+    "ShardBatches",
+    "ShardRouter",
+    "ShardsUnavailable",
+    "merge_stats",
+    "put_ref",
+    "shard_of",
+    "split_by_shard",
+]
