@@ -458,7 +458,8 @@ class Buffer:
                 return self._insert_locked(cid, sim, t, rows, deadline)
             finally:
                 self._pinned.discard(cid)
-                if self._chunks[cid].live == 0:
+                entry = self._chunks.get(cid)  # gone if drop_all ran while this put waited
+                if entry is not None and entry.live == 0:
                     del self._chunks[cid]  # nothing of it held (discarded, or the put gave up)
                     self._released += 1
                 self._maybe_compact_locked()
@@ -793,6 +794,12 @@ class _BlockingBuffer(Buffer):
         pos = 0
         try:
             while pos < rows.size:
+                # Closed first: once closed (or dropped) nothing more goes in, even where space was freed.
+                if self._closed:
+                    raise BufferClosed(
+                        f"{self.policy} buffer closed during put; {pos} of {rows.size} new samples inserted",
+                        inserted=pos,
+                    )
                 free = self._capacity - self._held
                 if free > 0:
                     take = rows[pos : pos + free]
@@ -801,11 +808,6 @@ class _BlockingBuffer(Buffer):
                     pos += take.size
                     self._after_insert()
                     continue
-                if self._closed:
-                    raise BufferClosed(
-                        f"{self.policy} buffer closed during put; {pos} of {rows.size} new samples inserted",
-                        inserted=pos,
-                    )
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise PutTimeoutError(
