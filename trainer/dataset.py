@@ -134,21 +134,68 @@ class Dataset:
             )
         return self.x[:].reshape(len(self), -1), self.y[:].reshape(len(self), -1)
 
-    def epochs(
-        self, batch_size: int, seed: int = 0, device: torch.device | str = "cpu"
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Shuffled batches, epoch after epoch, forever (the caller counts steps).
+    @property
+    def block_rows(self) -> int:
+        """Rows per zarr chunk along the sample axis: the unit an epoch is shuffled and split in."""
+        return int(self.x.chunks[0])
 
-        Every batch is full; the last ``len % batch_size`` samples of each shuffled epoch wait for the next.
+    def epoch_order(self, epoch: int, seed: int = 0, rank: int = 0, world: int = 1) -> np.ndarray:
+        """The chunk indices ``rank`` of ``world`` reads in ``epoch`` (the same permutation on every rank).
+
+        Chunks, not rows, are permuted and dealt out: a rank reads whole compressed chunks (one simulation
+        each, as written) and never decompresses a chunk for a single row. The ranks' shares of one epoch
+        are disjoint and together hold every chunk exactly once. Unlike torch's ``DistributedSampler`` no
+        chunk is repeated to even the shares out: a rank with one chunk fewer simply starts its next epoch
+        sooner, and no sample is seen twice in an epoch.
+        """
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"rank {rank} of world {world}: need 0 <= rank < world")
+        blocks = -(-len(self) // self.block_rows)
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+        return torch.randperm(blocks, generator=g).numpy()[rank::world]
+
+    def epochs(
+        self,
+        batch_size: int,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        rank: int = 0,
+        world: int = 1,
+        window_bytes: int = 256 * 2**20,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's shuffled batches, epoch after epoch, forever (the caller counts steps).
+
+        Each epoch a rank reads its share of chunks (``epoch_order``) lazily, a window of about
+        ``window_bytes`` at a time, and shuffles the rows inside the window, so memory stays bounded
+        whatever the dataset's size. Every batch is full: rows that do not fill one wait for the next
+        window or epoch, so nothing is dropped.
         """
         if not 1 <= batch_size <= len(self):
             raise DatasetError(f"{self.path} holds {len(self)} samples: no batch of {batch_size} can be drawn")
-        x, y = self.arrays()
-        xt = torch.from_numpy(np.ascontiguousarray(x)).view(len(self), *self.spec.in_shape)
-        yt = torch.from_numpy(np.ascontiguousarray(y)).view(len(self), *self.spec.out_shape)
-        g = torch.Generator().manual_seed(seed)
+        blocks = -(-len(self) // self.block_rows)
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"rank {rank} of world {world}: need 0 <= rank < world")
+        if world > blocks:
+            raise DatasetError(f"{self.path} holds {blocks} chunks: too few to share among {world} trainer ranks")
+        row_bytes = 4 * (int(np.prod(self.spec.in_shape)) + int(np.prod(self.spec.out_shape)))
+        per_window = max(1, window_bytes // (row_bytes * self.block_rows))
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + 7919 * rank + 1)
+        carry_x = np.empty((0, *self.spec.in_shape), np.float32)
+        carry_y = np.empty((0, *self.spec.out_shape), np.float32)
+        epoch = 0
         while True:
-            order = torch.randperm(len(self), generator=g)
-            for i in range(0, len(self) - batch_size + 1, batch_size):
-                idx = order[i : i + batch_size]
-                yield xt[idx].to(device), yt[idx].to(device)
+            order = self.epoch_order(epoch, seed, rank, world)
+            for w in range(0, len(order), per_window):
+                xs, ys = [carry_x], [carry_y]
+                for b in np.sort(order[w : w + per_window]):  # ascending: sequential reads
+                    sl = slice(int(b) * self.block_rows, min(len(self), (int(b) + 1) * self.block_rows))
+                    xs.append(self.x[sl])
+                    ys.append(self.y[sl])
+                x, y = np.concatenate(xs), np.concatenate(ys)
+                perm = torch.randperm(len(x), generator=g).numpy()
+                full = len(x) - len(x) % batch_size
+                xt, yt = torch.from_numpy(x[perm[:full]]), torch.from_numpy(y[perm[:full]])
+                for i in range(0, full, batch_size):
+                    yield xt[i : i + batch_size].to(device), yt[i : i + batch_size].to(device)
+                carry_x, carry_y = x[perm[full:]], y[perm[full:]]
+            epoch += 1

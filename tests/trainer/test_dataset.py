@@ -60,6 +60,51 @@ def test_epochs_cycle_over_every_sample(tmp_path) -> None:
     assert more.shape == (5, *SPEC.in_shape)  # and on into the next epoch
 
 
+def _rows(batches) -> list[tuple]:
+    return [tuple(r) for b in batches for r in b[0].reshape(b[0].shape[0], -1).numpy()]
+
+
+def test_data_parallel_epoch_covers_every_sample_once_across_ranks(tmp_path, monkeypatch) -> None:
+    # Two ranks, six simulations: one epoch gives each rank three whole simulations, disjoint,
+    # together every sample exactly once; read lazily, one chunk per window, never all in memory.
+    x, _ = _write(tmp_path / "d.zarr", sims=6)
+    ds = Dataset(tmp_path / "d.zarr")
+    monkeypatch.setattr(Dataset, "arrays", lambda *a, **k: pytest.fail("epochs loaded the whole store"))
+    shares = []
+    for rank in range(2):
+        it = ds.epochs(batch_size=3, seed=4, rank=rank, world=2, window_bytes=1)
+        shares.append(_rows([next(it) for _ in range(3)]))  # 9 rows: this rank's epoch
+        assert len(set(shares[-1])) == 9
+        owned = {tuple(x[r]) for b in ds.epoch_order(0, 4, rank, 2) for r in range(3 * int(b), 3 * int(b) + 3)}
+        assert set(shares[-1]) == owned
+    assert not set(shares[0]) & set(shares[1])
+    assert sorted(shares[0] + shares[1]) == sorted(map(tuple, x))
+    # the ranks deal out the same permutation, and the next epoch is another one
+    assert sorted(np.concatenate([ds.epoch_order(1, 4, r, 2) for r in range(2)])) == list(range(6))
+    orders = {tuple(np.concatenate([ds.epoch_order(e, 4, r, 2) for r in range(2)])) for e in range(8)}
+    assert len(orders) > 1
+
+
+def test_data_parallel_leftover_rows_wait_for_the_next_epoch(tmp_path) -> None:
+    # 15 rows, batches of 4: nothing dropped, so 15 batches are exactly four passes over every sample.
+    x, _ = _write(tmp_path / "d.zarr")
+    ds = Dataset(tmp_path / "d.zarr")
+    it = ds.epochs(batch_size=4, seed=2, window_bytes=1)
+    counts: dict[tuple, int] = {}
+    for r in _rows([next(it) for _ in range(15)]):
+        counts[r] = counts.get(r, 0) + 1
+    assert counts == {tuple(r): 4 for r in x}
+
+
+def test_data_parallel_bad_rank_or_too_many_ranks_is_refused(tmp_path) -> None:
+    _write(tmp_path / "d.zarr")
+    ds = Dataset(tmp_path / "d.zarr")
+    with pytest.raises(ValueError, match="rank 2 of world 2"):
+        next(ds.epochs(batch_size=3, rank=2, world=2))
+    with pytest.raises(DatasetError, match="5 chunks: too few to share among 6"):
+        next(ds.epochs(batch_size=3, rank=0, world=6))
+
+
 def test_a_batch_larger_than_the_dataset_is_refused(tmp_path) -> None:
     # Epochs hold whole batches only: 16 of 15 samples could never be drawn (a silent endless loop before).
     _write(tmp_path / "d.zarr")
