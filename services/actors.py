@@ -10,7 +10,7 @@ import numpy as np
 import ray
 
 import solvers
-from services.dataplane import split_by_shard
+from services.dataplane import chunk_keys, split_by_shard
 from trainer.buffer import Batch, Chunk, check_chunk, make_buffer
 from trainer.problem import ProblemSpec
 
@@ -38,15 +38,19 @@ class BufferShard:
         self._aborted = False
 
     @ray.method(concurrency_group="put")
-    def put(self, refs: list[ray.ObjectRef]) -> tuple[int, int]:
+    def put(self, refs: list[ray.ObjectRef], keys: tuple[Any, ...] | None = None) -> tuple[int, int]:
         """Take a chunk ``(x, y, sim_id, t_index)`` by reference; returns ``(rows, new rows)``.
 
-        ``refs`` is a one-element list so that Ray hands over the reference, not the object. The
-        chunk is mapped in place (zero-copy) only to read its keys and shape. Blocks while a FIFO/FIRO
-        shard is full (backpressure); raises ``BufferClosed`` after ``close``."""
-        x, y, sid, tix = ray.get(refs[0])
-        new = self._buf.put_ref(refs[0], sid, tix, int(x.nbytes + y.nbytes), (int(x.shape[1]), int(y.shape[1])))
-        return int(x.shape[0]), new
+        ``refs`` is a one-element list so that Ray hands over the reference, not the object.
+        ``keys`` is the chunk's ``(sim_id, t_index, nbytes, (dx, dy))`` as its producer sent it
+        (``dataplane.chunk_keys``); without it the chunk is mapped in place (zero-copy) to read them.
+        Blocks while a FIFO/FIRO shard is full (backpressure); raises ``BufferClosed`` after ``close``."""
+        if keys is None:
+            x, y, sid, tix = ray.get(refs[0])
+            keys = (sid, tix, int(x.nbytes + y.nbytes), (int(x.shape[1]), int(y.shape[1])))
+        sid, tix, nbytes, dims = keys
+        new = self._buf.put_ref(refs[0], sid, tix, nbytes, dims)
+        return int(np.asarray(sid).shape[0]), new
 
     @ray.method(concurrency_group="get")
     def take(self, batch_size: int, count: int = 1, timeout: float = 1.0) -> list[Batch] | tuple[()] | None:
@@ -141,8 +145,9 @@ class StudyControl:
 class SolverActor:
     """Runs batches of simulations and yields their samples in chunks, each written once to the object store.
 
-    ``run`` is a streaming generator: it yields, per chunk, the index of the shard it is for (a small
-    inline object) and then the chunk ``(x, y, sim_id, t_index)``. Objects a generator yields are
+    ``run`` is a streaming generator: it yields, per chunk, a small inline head -- the index of the
+    shard it is for and its keys (``dataplane.chunk_keys``) -- and then the chunk ``(x, y, sim_id,
+    t_index)``. Objects a generator yields are
     owned by the caller (the study driver), so they outlive this actor; the driver hands only their
     references to the shards.
     """
@@ -160,7 +165,7 @@ class SolverActor:
         return ray.get_runtime_context().get_node_id()
 
     def run(self, sim_ids: np.ndarray, params: np.ndarray, seeds: np.ndarray) -> Iterator[Any]:
-        """Solve ``len(sim_ids)`` simulations, yielding ``shard, chunk, shard, chunk, ...``."""
+        """Solve ``len(sim_ids)`` simulations, yielding ``head, chunk, head, chunk, ...`` (see the class)."""
         parts: list[tuple[np.ndarray, ...]] = []
         asm = self.spec.assembler(params, sim_ids)
         for k, fields in self.solver.stream(params, seeds):  # fields (B, C, *grid)
@@ -172,5 +177,6 @@ class SolverActor:
                 # Invalid values (a diverged solve) fail the call here, before anything reaches a shard.
                 x, y, sid, tix = check_chunk(Chunk(x=x, y=y, sim_id=sid, t_index=tix))
                 for shard, rows in split_by_shard(sid, self.shards, self.group):
-                    yield shard
-                    yield (x, y, sid, tix) if rows is None else (x[rows], y[rows], sid[rows], tix[rows])
+                    part = (x, y, sid, tix) if rows is None else (x[rows], y[rows], sid[rows], tix[rows])
+                    yield (shard, *chunk_keys(*part))
+                    yield part

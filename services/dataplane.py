@@ -54,14 +54,43 @@ def split_by_shard(sim_id: np.ndarray, n: int, group: int) -> list[tuple[int, np
     return [(int(s), np.flatnonzero(where == s)) for s in np.unique(where)]
 
 
-def put_ref(shard: Any, ref: ray.ObjectRef) -> tuple[int, int]:
-    """Hand a chunk's reference to a shard and wait (backpressure); ``BufferClosed`` once it is closed."""
+def chunk_keys(x: np.ndarray, y: np.ndarray, sim_id: np.ndarray, t_index: np.ndarray) -> tuple[Any, ...]:
+    """What a shard needs of a checked chunk, sent beside its reference: ``(sim_id, t_index, nbytes, (dx, dy))``.
+
+    A few bytes per sample, so the shard never maps the chunk itself (that cost a round trip to the
+    chunk's owner and a few ms per chunk, the largest share of a small chunk's cost).
+    """
+    return sim_id, t_index, int(x.nbytes + y.nbytes), (int(x.shape[1]), int(y.shape[1]))
+
+
+def put_ref(shard: Any, ref: ray.ObjectRef, keys: tuple[Any, ...] | None = None) -> tuple[int, int]:
+    """Hand a chunk's reference (and its ``chunk_keys``) to a shard and wait (backpressure).
+
+    Returns ``(rows, new rows)``; raises ``BufferClosed`` once the shard is closed.
+    """
     try:
-        return tuple(ray.get(shard.put.remote([ref])))  # type: ignore[return-value]
+        return tuple(ray.get(shard.put.remote([ref], keys)))  # type: ignore[return-value]
     except ray.exceptions.RayTaskError as e:
         if _is_closed(e):
             raise BufferClosed(str(e)) from None
         raise
+
+
+def forward_chunks(stream: Any, shards: list[Any]) -> Iterator[int]:
+    """Hand each chunk of a ``SolverActor.run`` stream to its shard; yields the rows of each.
+
+    The stream alternates a small inline ``(shard, *chunk_keys)`` and the chunk itself, which stays
+    in the object store and travels only as its reference. Raises ``BufferClosed`` when a shard is.
+    """
+    head: tuple[Any, ...] = ()
+    for i, ref in enumerate(stream):
+        if i % 2 == 0:
+            head = tuple(ray.get(ref))
+            continue
+        try:
+            yield put_ref(shards[int(head[0])], ref, head[1:])[0]
+        finally:
+            del ref
 
 
 class ShardRouter:
@@ -108,8 +137,8 @@ class ShardRouter:
         pending = []
         for s, rows in split_by_shard(sid, len(shards), self.group):
             part = (x, y, sid, tix) if rows is None else (x[rows], y[rows], sid[rows], tix[rows])
-            # Written once, owned by this process; the shard and the trainer only read it in place.
-            pending.append(shards[s].put.remote([ray.put(part)]))
+            # Written once, owned by this process; the trainer only reads it in place.
+            pending.append(shards[s].put.remote([ray.put(part)], chunk_keys(*part)))
         try:
             ray.get(pending)
         except ray.exceptions.RayTaskError as e:

@@ -27,7 +27,7 @@ import ray
 
 from services.actors import BufferShard, SolverActor, StudyControl
 from services.config import StudyConfig
-from services.dataplane import ShardRouter, merge_stats, put_ref
+from services.dataplane import ShardRouter, forward_chunks, merge_stats
 from services.metrics import PROGRESS_DIR
 from services.sampling import Sampler, simulation_seeds
 from services.training import WorkerInputs, train_worker, validation_set
@@ -397,18 +397,11 @@ class Study:
             gen = actor.run.options(num_returns="streaming", _generator_backpressure_num_objects=4).remote(
                 ids, got.params, got.seeds
             )
-            shard = 0
-            for i, ref in enumerate(gen):
-                if i % 2 == 0:
-                    shard = int(ray.get(ref))
-                    continue
-                try:
-                    produced += put_ref(self.shards[shard], ref)[0]
-                except BufferClosed:
-                    closed = True
-                    break
-                finally:
-                    del ref
+            try:
+                for rows in forward_chunks(gen, self.shards):
+                    produced += rows
+            except BufferClosed:
+                closed = True
         except Exception as e:
             # Ray has re-run the call already if the actor died; an error here is the solver's own,
             # and would come back with the same parameters: not re-queued.

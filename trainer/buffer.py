@@ -145,6 +145,10 @@ class Batch:
         return int(self.rows.shape[0])
 
 
+# Row size above which a batch is copied row by row (the per-row Python cost is then negligible).
+_ROW_COPY_BYTES = 64 * 2**10
+
+
 def assemble(
     batch: Batch,
     arrays: Sequence[tuple[np.ndarray, np.ndarray]],
@@ -165,6 +169,13 @@ def assemble(
     if len(arrays) == 1:
         np.take(arrays[0][0], batch.rows, axis=0, out=xo)
         np.take(arrays[0][1], batch.rows, axis=0, out=yo)
+        return xo, yo
+    if 4 * (dx + dy) >= _ROW_COPY_BYTES:
+        # Large rows: one copy per row straight into place (fancy indexing would copy each twice).
+        for j, (c, r) in enumerate(zip(batch.index.tolist(), batch.rows.tolist(), strict=True)):
+            x, y = arrays[c][:2]
+            np.copyto(xo[j], x[r])
+            np.copyto(yo[j], y[r])
         return xo, yo
     order = np.argsort(batch.index, kind="stable")
     cuts = np.flatnonzero(np.diff(batch.index[order])) + 1

@@ -1122,3 +1122,19 @@ def test_drop_all_wakes_blocked_producer_with_buffer_closed(policy: str) -> None
     assert out["error"].inserted == 0
     s = buf.stats()
     assert s["held"] == 0 and s["bytes_live"] == 0 and s["chunks_live"] == 0
+
+
+def test_assemble_large_rows_from_several_chunks_row_by_row() -> None:
+    # Rows over 64 KB (a 1000² field is 4 MB) take the row-by-row copy; the rows must still land
+    # in batch order, whichever chunk each comes from, and only the first b rows of `out` be written.
+    dx, dy = 3, 20_000
+    rng = np.random.default_rng(5)
+    chunks = [(rng.random((4, dx), dtype=np.float32), rng.random((4, dy), dtype=np.float32)) for _ in range(3)]
+    index = np.array([2, 0, 2, 1, 0], dtype=np.int64)
+    rows = np.array([3, 1, 0, 2, 1], dtype=np.int64)
+    batch = Batch(payloads=[0, 1, 2], index=index, rows=rows, sim_id=index, t_index=rows)
+    out = (np.full((8, dx), -1, np.float32), np.full((8, dy), -1, np.float32))
+    x, y = assemble(batch, chunks, out=out)
+    np.testing.assert_array_equal(x, np.stack([chunks[c][0][r] for c, r in zip(index, rows, strict=True)]))
+    np.testing.assert_array_equal(y, np.stack([chunks[c][1][r] for c, r in zip(index, rows, strict=True)]))
+    assert np.shares_memory(y, out[1]) and (out[1][5:] == -1).all()
