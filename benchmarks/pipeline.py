@@ -92,7 +92,7 @@ def in_memory_and_full_buffer(cfg: StudyConfig, steps: int, sims: int, rounds: i
         router.put(x[a : a + per], y[a : a + per], sid[a : a + per], tix[a : a + per])
     # Alternating rounds, the median of the paired ratios: a shared 2-core machine drifts by tens of
     # percent within a minute, which one run of each would mistake for the data plane's cost.
-    ratios, waits, walls, mem_rates, full_rates = [], [], [], [], []
+    ratios, waits, mem_waits, walls, mem_rates, full_rates = [], [], [], [], [], []
     for _ in range(rounds):
         mem, mem_wall = _loop(cfg, memory(), steps, x_val, y_val, norm)
         feed = ShardBatches(shard, b, torch.device("cpu"), spec.in_shape, spec.out_shape)
@@ -102,6 +102,7 @@ def in_memory_and_full_buffer(cfg: StudyConfig, steps: int, sims: int, rounds: i
         full_rates.append(steps / (full.compute_s + full.data_wait_s))
         ratios.append(full_rates[-1] / mem_rates[-1])
         waits.append(full.data_wait_s / (full.compute_s + full.data_wait_s))
+        mem_waits.append(mem.data_wait_s / (mem.compute_s + mem.data_wait_s))  # the gather of the batch
         walls.append(mem_wall / full_wall)
     ray.kill(shard)
     return {
@@ -109,6 +110,7 @@ def in_memory_and_full_buffer(cfg: StudyConfig, steps: int, sims: int, rounds: i
         "steps_per_s_full_buffer": float(np.median(full_rates)),
         "full_buffer_ratio": float(np.median(ratios)),
         "data_wait_full": float(np.median(waits)),
+        "data_wait_in_memory": float(np.median(mem_waits)),
         "full_buffer_wall_ratio": float(np.median(walls)),
         "full_buffer_rounds": rounds,
     }
@@ -269,7 +271,11 @@ def main() -> None:
         ray.shutdown()
     out["cpus"] = os.cpu_count()
     rows = [
-        ("steps/s in memory", f"{out['steps_per_s_in_memory']:.1f}", ""),
+        (
+            "steps/s in memory",
+            f"{out['steps_per_s_in_memory']:.1f}",
+            f"data-wait {out['data_wait_in_memory']:.1%} (the batch gather)",
+        ),
         (
             "steps/s from a full buffer",
             f"{out['steps_per_s_full_buffer']:.1f}",

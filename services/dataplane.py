@@ -20,6 +20,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,6 +31,7 @@ import torch
 from trainer.buffer import Batch, BufferClosed, Chunk, assemble, check_chunk
 
 SHARDS_WAIT_S = 600.0  # how long a producer waits for the trainer ranks to register their shards
+VIEW_TTL_CALLS = 8  # a trainer rank lets go of a chunk it has not drawn from in this many requests
 
 
 class ShardsUnavailable(RuntimeError):
@@ -168,6 +170,7 @@ class ShardBatches:
         prefetch: int = 4,
         per_call: int = 4,
         stop: Callable[[], bool] | None = None,
+        view_cache_bytes: int = 256 * 2**20,
     ) -> None:
         self.shard = shard
         self.batch_size = batch_size
@@ -187,6 +190,9 @@ class ShardBatches:
             for _ in range(prefetch + 2)
         ]
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
+        self.view_cache_bytes = view_cache_bytes
+        self._cache: OrderedDict[Any, list[Any]] = OrderedDict()
+        self._cache_bytes, self._calls = 0, 0
         self._halt = threading.Event()
         self._thread = threading.Thread(target=self._fill, name="surge-batches", daemon=True)
         self._started = False
@@ -204,8 +210,7 @@ class ShardBatches:
                         self._queue.put(None)
                         return
                     continue
-                refs = {r for b in got for r in b.payloads}
-                views = dict(zip(refs, ray.get(list(refs)), strict=True))
+                views = self._views_for(got)
                 for b in got:
                     xt, yt = self._ring[slot]
                     slot = (slot + 1) % len(self._ring)
@@ -214,6 +219,38 @@ class ShardBatches:
                     self._queue.put((xt[:n], yt[:n], b))
         except BaseException as e:  # handed to the consumer, which raises it in the training loop
             self._queue.put(e)
+        finally:
+            self._cache.clear()  # the views: the chunks they keep in the object store can go
+
+    def _views_for(self, got: list[Batch]) -> dict[Any, Any]:
+        """Zero-copy views of the chunks ``got`` refers to, fetched once and kept while in use.
+
+        Successive batches draw from the same chunks (FIRO and reservoir: random rows of the few
+        hundred chunks held; FIFO: the next rows of the same chunk), and fetching a chunk costs
+        Python time this thread would take from the training step. A view keeps its chunk in the
+        object store, so the cache is bounded: a chunk unused for ``VIEW_TTL_CALLS`` requests, or
+        beyond ``view_cache_bytes`` (least recently used first), is let go.
+        """
+        self._calls += 1
+        cache = self._cache
+        need = list(dict.fromkeys(r for b in got for r in b.payloads))
+        missing = [r for r in need if r not in cache]
+        for r, v in zip(missing, ray.get(missing) if missing else [], strict=True):
+            cache[r] = [v, sum(int(getattr(a, "nbytes", 0)) for a in v), 0]
+            self._cache_bytes += cache[r][1]
+        for r in need:
+            cache[r][2] = self._calls
+            cache.move_to_end(r)
+        wanted = set(need)
+        for r in list(cache):
+            if r in wanted:
+                break  # the rest were used in this call (most recent last)
+            _, nbytes, last = cache[r]
+            if self._calls - last <= VIEW_TTL_CALLS and self._cache_bytes <= self.view_cache_bytes:
+                break  # and so are all used more recently
+            del cache[r]
+            self._cache_bytes -= nbytes
+        return {r: cache[r][0] for r in need}
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor] | None]:
         if not self._started:

@@ -145,7 +145,7 @@ class Batch:
         return int(self.rows.shape[0])
 
 
-# Row size above which a batch is copied row by row (the per-row Python cost is then negligible).
+# Row size above which a batch is always copied row by row (the per-row Python cost is then negligible).
 _ROW_COPY_BYTES = 64 * 2**10
 
 
@@ -170,12 +170,13 @@ def assemble(
         np.take(arrays[0][0], batch.rows, axis=0, out=xo)
         np.take(arrays[0][1], batch.rows, axis=0, out=yo)
         return xo, yo
-    if 4 * (dx + dy) >= _ROW_COPY_BYTES:
-        # Large rows: one copy per row straight into place (fancy indexing would copy each twice).
+    if 4 * (dx + dy) >= _ROW_COPY_BYTES or 4 * len(arrays) > b:
+        # Large rows, or rows scattered over many chunks (FIRO, reservoir): one copy per row straight
+        # into place; grouping by chunk would cost a few numpy calls per chunk and copy each row twice.
         for j, (c, r) in enumerate(zip(batch.index.tolist(), batch.rows.tolist(), strict=True)):
             x, y = arrays[c][:2]
-            np.copyto(xo[j], x[r])
-            np.copyto(yo[j], y[r])
+            xo[j] = x[r]
+            yo[j] = y[r]
         return xo, yo
     order = np.argsort(batch.index, kind="stable")
     cuts = np.flatnonzero(np.diff(batch.index[order])) + 1
