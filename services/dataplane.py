@@ -221,6 +221,7 @@ class ShardBatches:
             self._queue.put(e)
         finally:
             self._cache.clear()  # the views: the chunks they keep in the object store can go
+            self._cache_bytes = 0
 
     def _views_for(self, got: list[Batch]) -> dict[Any, Any]:
         """Zero-copy views of the chunks ``got`` refers to, fetched once and kept while in use.

@@ -170,3 +170,41 @@ def test_chunks_are_released_and_the_object_store_returns_to_its_baseline(tmp_pa
         time.sleep(0.5)
     mib, objects = _plasma()
     assert objects <= objects0 and mib <= mib0 + 1
+
+
+def test_a_rank_keeps_views_of_its_chunks_bounded_and_lets_go_at_the_end() -> None:
+    # A trainer rank caches zero-copy views of the chunks it draws from (so a chunk is fetched once,
+    # not once per batch); the views keep chunks in the object store, so the cache must stay within
+    # its byte bound while it runs and be empty once the stream ends.
+    import torch
+
+    from services.actors import BufferShard
+    from services.dataplane import ShardBatches, ShardRouter
+
+    objects0 = _plasma()[1]
+    dy, rows = 2048, 50  # 400 KB chunks
+    shard = BufferShard.options(num_cpus=0).remote("fifo", 10_000, 1)
+    router = ShardRouter([shard])
+    for c in range(40):
+        x = np.full((rows, 2), c, np.float32)
+        y = np.repeat(np.arange(rows, dtype=np.float32)[:, None] + 1000 * c, dy, axis=1)
+        router.put(x, y, np.full(rows, c), np.arange(rows))
+    ray.get(shard.close.remote())
+    bound = 3 * rows * 4 * (2 + dy)  # three chunks
+    feed = ShardBatches(shard, 20, torch.device("cpu"), (2,), (dy,), view_cache_bytes=bound)
+    seen, peak = [], 0
+    for b in feed:
+        if b is None:
+            break
+        seen.extend(b[1][:, 0].tolist())
+        peak = max(peak, feed._cache_bytes)
+    assert sorted(seen) == sorted(float(r + 1000 * c) for c in range(40) for r in range(rows))  # each once
+    assert 0 < peak <= bound + 2 * rows * 4 * (2 + dy)  # the bound, plus the chunks of the call in hand
+    feed._thread.join(10)
+    assert not feed._cache and feed._cache_bytes == 0
+    ray.kill(shard)
+    del router
+    deadline = time.time() + 30
+    while time.time() < deadline and _plasma()[1] > objects0:
+        time.sleep(0.5)
+    assert _plasma()[1] <= objects0
