@@ -135,11 +135,15 @@ def train_worker(config: dict[str, Any]) -> None:
     y_val = torch.from_numpy(np.array(y_val_np[mine])).view(mine.size, *spec.out_shape).to(device)
 
     feed: ShardBatches | None = None
+    offline_keys: list[Any] | None = None
     if inp.dataset:
         # Offline: this rank's share of the zarr dataset, epoch after epoch, read lazily.
         ds = Dataset(inp.dataset)
         ds.check_compatible(spec)
-        source: Iterator[Any] = ds.epochs(t.batch_size, seed=inp.seed, device=device, rank=rank, world=world)
+        offline_keys = [] if inp.record_keys else None
+        source: Iterator[Any] = ds.epochs(
+            t.batch_size, seed=inp.seed, device=device, rank=rank, world=world, keys=offline_keys
+        )
     else:
         deadline = time.monotonic() + SHARD_WAIT_S
         while (shard := ray.get(control.shard.remote(rank))) is None:
@@ -234,8 +238,9 @@ def train_worker(config: dict[str, Any]) -> None:
         "samples_seen": stats.samples_seen,
         "node": node,
     }
-    if feed is not None and feed.keys is not None:
-        keys = [np.stack(k) for k in feed.keys] or [np.empty((2, 0), np.int64)]
+    recorded = feed.keys if feed is not None else offline_keys
+    if recorded is not None:
+        keys = [np.stack(k) for k in recorded] or [np.empty((2, 0), np.int64)]
         state["keys"] = np.concatenate(keys, axis=1)  # (2, n): sim_id, t_index of every row trained on
     ray.get(control.report_rank.remote(rank, state))
     if rank == 0:

@@ -162,13 +162,15 @@ class Dataset:
         rank: int = 0,
         world: int = 1,
         window_bytes: int = 256 * 2**20,
+        keys: list[tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's shuffled batches, epoch after epoch, forever (the caller counts steps).
 
         Each epoch a rank reads its share of chunks (``epoch_order``) lazily, a window of about
         ``window_bytes`` at a time, and shuffles the rows inside the window, so memory stays bounded
         whatever the dataset's size. Every batch is full: rows that do not fill one wait for the next
-        window or epoch, so nothing is dropped.
+        window or epoch, so nothing is dropped. Given a list as ``keys``, the ``(sim_id, t_index)`` of
+        each batch is appended to it as the batch is handed out.
         """
         if not 1 <= batch_size <= len(self):
             raise DatasetError(f"{self.path} holds {len(self)} samples: no batch of {batch_size} can be drawn")
@@ -182,20 +184,27 @@ class Dataset:
         g = torch.Generator().manual_seed(int(seed) * 1_000_003 + 7919 * rank + 1)
         carry_x = np.empty((0, *self.spec.in_shape), np.float32)
         carry_y = np.empty((0, *self.spec.out_shape), np.float32)
+        carry_k = np.empty((2, 0), np.int64)
         epoch = 0
         while True:
             order = self.epoch_order(epoch, seed, rank, world)
             for w in range(0, len(order), per_window):
-                xs, ys = [carry_x], [carry_y]
+                xs, ys, ks = [carry_x], [carry_y], [carry_k]
                 for b in np.sort(order[w : w + per_window]):  # ascending: sequential reads
                     sl = slice(int(b) * self.block_rows, min(len(self), (int(b) + 1) * self.block_rows))
                     xs.append(self.x[sl])
                     ys.append(self.y[sl])
-                x, y = np.concatenate(xs), np.concatenate(ys)
+                    if keys is not None:
+                        ks.append(np.stack([self.sim_id[sl], self.t_index[sl]]))
+                x, y, k = np.concatenate(xs), np.concatenate(ys), np.concatenate(ks, axis=1)
                 perm = torch.randperm(len(x), generator=g).numpy()
                 full = len(x) - len(x) % batch_size
                 xt, yt = torch.from_numpy(x[perm[:full]]), torch.from_numpy(y[perm[:full]])
                 for i in range(0, full, batch_size):
+                    if keys is not None:
+                        keys.append(tuple(k[:, perm[i : i + batch_size]]))
                     yield xt[i : i + batch_size].to(device), yt[i : i + batch_size].to(device)
                 carry_x, carry_y = x[perm[full:]], y[perm[full:]]
+                if keys is not None:
+                    carry_k = k[:, perm[full:]]
             epoch += 1

@@ -208,3 +208,26 @@ def test_a_rank_keeps_views_of_its_chunks_bounded_and_lets_go_at_the_end() -> No
     while time.time() < deadline and _plasma()[1] > objects0:
         time.sleep(0.5)
     assert _plasma()[1] <= objects0
+
+
+def test_data_parallel_offline_epoch_covers_the_store_once_across_ranks(tmp_path) -> None:
+    # Two ranks on a stored dataset: in the first epoch each stored sample reaches exactly one rank,
+    # once; the ranks end in agreement, and samples_seen counts both.
+    from services.datasets import build_dataset
+
+    base = _config(name="offline-dp", simulations=12)
+    data = build_dataset(parse_config(base), 12, tmp_path / "train.zarr")  # 12 x 21 = 252 samples
+    steps = 7  # 7 steps x 16 rows x 2 ranks = 224 rows: inside the first epoch of 126 rows per rank
+    cfg = {**base, "dataset": str(data), "training": {**base["training"], "steps": steps, "validate_every": steps}}
+    study = _run(cfg, tmp_path / "store", record_keys=True)
+    snap = study.snapshot()
+    assert snap["state"] == "finished", snap["error"]
+    a, b = study.rank_states[0], study.rank_states[1]
+    assert a["steps"] == b["steps"] == steps and a["digest"] == b["digest"]
+    ka, kb = _keys(a), _keys(b)
+    assert len(ka) == len(kb) == steps * 16  # no sample twice on a rank
+    assert not ka & kb  # nor on both
+    # Each rank drew from whole simulations of its own share.
+    assert not {s for s, _ in ka} & {s for s, _ in kb}
+    assert a["samples_seen"] == 2 * steps * 16 == snap["training"]["samples_seen"]
+    study.release()
