@@ -538,12 +538,16 @@ class Study:
         except Exception:  # only for the report; a solver that is slow to start is no error
             pass
 
-    def _shards_call(self, method: str) -> None:
+    def _shards_call(self, method: str, timeout: float = 10.0) -> None:
+        """Call ``method`` on every shard and wait for it (bounded): after ``drop`` returns, no chunk is held."""
+        pending = []
         for s in self.shards:
             try:
-                getattr(s, method).remote()
+                pending.append(getattr(s, method).remote())
             except Exception:  # the actor may already be gone
                 pass
+        if pending:
+            ray.wait(pending, num_returns=len(pending), timeout=timeout)
 
     # Reading -------------------------------------------------------------------------
     def received_by_sim(self) -> dict[int, int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ from services import metrics as M
 from trainer.loop import Normaliser
 from trainer.problem import ProblemSpec
 from trainer.store import LoadedModel, ModelStore, StoreError
+
+PINNED_KEPT = 4  # older versions kept loaded for clients that pin one
 
 log = logging.getLogger("surge.gateway")
 
@@ -63,6 +66,7 @@ class ModelHub:
         self._models: dict[str, LoadedModel] = {}
         self._rejected: dict[str, int] = {}  # newest version found unservable, per name (not retried)
         self._lock = threading.Lock()
+        self._pinned: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -73,6 +77,35 @@ class ModelHub:
             self.refresh(name)
             m = self._models.get(name)
         return m
+
+    def get_version(self, name: str, version: int) -> LoadedModel | None:
+        """A given version of ``name`` (pinned by a client for reproducible predictions), or None.
+
+        Older versions are loaded on demand and a few are kept, so that a client pinning one does
+        not reload it for every request.
+        """
+        cur = self._models.get(name)
+        if cur is not None and cur.version == version:
+            return cur
+        key = (name, int(version))
+        with self._lock:
+            hit = self._pinned.get(key)
+            if hit is not None:
+                self._pinned.move_to_end(key)
+                return hit
+        if version < 1 or version not in self.store.versions(name):
+            return None
+        try:
+            loaded = self.store.load(name, version)
+            check_servable(loaded)
+        except StoreError as e:
+            log.warning("not serving %s version %d: %s", name, version, e)
+            return None
+        with self._lock:
+            self._pinned[key] = loaded
+            while len(self._pinned) > PINNED_KEPT:
+                self._pinned.popitem(last=False)
+        return loaded
 
     def names(self) -> list[str]:
         return sorted(set(self._models) | set(self.store.names()))

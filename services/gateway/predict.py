@@ -22,6 +22,7 @@ from trainer.store import LoadedModel
 
 NPY = "application/x-npy"
 MODEL_NOT_FOUND = "model {name!r} not found"
+VERSION_NOT_FOUND = "model {name!r} has no servable version {version}"
 UNSUPPORTED_TYPE = "unsupported content type {ctype!r}: send application/json or application/x-npy"
 NON_FINITE_OUTPUT = "the model produced non-finite values"
 
@@ -47,6 +48,8 @@ class PredictError(Exception):
 class Models(Protocol):
     def get(self, name: str) -> LoadedModel | None: ...
 
+    def get_version(self, name: str, version: int) -> LoadedModel | None: ...
+
 
 @dataclass(frozen=True)
 class PredictInput:
@@ -61,11 +64,16 @@ def _bad(msg: str) -> PredictError:
     return PredictError(422, msg)
 
 
-def find_model(models: Models, name: str) -> LoadedModel:
-    """The newest served version of ``name``; the caller keeps it for the whole request."""
+def find_model(models: Models, name: str, version: int | None = None) -> LoadedModel:
+    """The newest served version of ``name``, or the one asked for; the caller keeps it for the whole request."""
     m = models.get(name)
     if m is None:
         raise PredictError(404, MODEL_NOT_FOUND.format(name=name))
+    if version is not None and version != m.version:
+        pinned = models.get_version(name, version)
+        if pinned is None:
+            raise PredictError(404, VERSION_NOT_FOUND.format(name=name, version=version))
+        return pinned
     return m
 
 

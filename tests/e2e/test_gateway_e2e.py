@@ -104,24 +104,34 @@ def test_binary_predict_agrees_with_json(trained) -> None:
     rows = np.array([[*PARAMS.values(), 0.05], [*PARAMS.values(), 0.1]])
     buf = io.BytesIO()
     np.save(buf, rows)
+    # Pinned to one version (training publishes new ones meanwhile), both encodings must agree.
+    j = httpx.post(f"{url}/v1/models/heat2d/predict", json={"params": PARAMS, "times": [0.05, 0.1]})
+    assert j.status_code == 200, j.text
+    version = j.json()["version"]
     r = httpx.post(
         f"{url}/v1/models/heat2d/predict",
+        params={"version": version},
         content=buf.getvalue(),
         headers={"Content-Type": "application/x-npy", "Accept": "application/x-npy"},
     )
     assert r.status_code == 200, r.text
+    assert r.headers["X-Model-Version"] == str(version)
     out = np.load(io.BytesIO(r.content), allow_pickle=False)
     assert out.dtype == np.float32 and out.shape == (2, 1, 16, 16)
-    j = httpx.post(f"{url}/v1/models/heat2d/predict", json={"params": PARAMS, "times": [0.05, 0.1]})
-    # Versions may have moved on between the calls; compare only when both used the same one.
-    if j.headers["X-Model-Version"] == r.headers["X-Model-Version"]:
-        np.testing.assert_allclose(np.array(j.json()["outputs"]), out, rtol=1e-5)
+    np.testing.assert_allclose(np.array(j.json()["outputs"]), out, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
     ("name", "kwargs", "code", "needle"),
     [
         ("nope", {"json": {"params": PARAMS, "times": [0.0]}}, 404, "model 'nope' not found"),
+        (
+            "heat2d",
+            {"json": {"params": PARAMS, "times": [0.0]}, "params": {"version": 10**6}},
+            404,
+            "has no servable version 1000000",
+        ),
+        ("heat2d", {"json": {"params": PARAMS, "times": [0.0]}, "params": {"version": 0}}, 422, "query.version"),
         ("heat2d", {"json": {"params": {"u0": 300.0}, "times": [0.0]}}, 422, "missing parameter(s)"),
         ("heat2d", {"json": {"params": {**PARAMS, "kappa": 1.0}, "times": [0.0]}}, 422, "unknown parameter(s): kappa"),
         ("heat2d", {"json": {"params": {**PARAMS, "u0": 900.0}, "times": [0.0]}}, 422, "u0 = 900 is outside"),

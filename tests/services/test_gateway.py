@@ -420,6 +420,22 @@ def test_new_version_is_served_without_restart(live: tuple[TestClient, Path]) ->
     assert c.get("/v1/models").json()["models"][0]["version"] == 2
 
 
+def test_a_pinned_version_keeps_answering_after_a_newer_one_is_served(live: tuple[TestClient, Path]) -> None:
+    c, root = live
+    assert publish(root, seed=2) == 2
+    wait_for_version(c, 2, timeout=2.0)
+    old = predict(c, params={"version": 1})
+    assert old.status_code == 200 and old.headers["X-Model-Version"] == "1" and old.json()["version"] == 1
+    np.testing.assert_allclose(
+        np.array(old.json()["outputs"]), direct(root, 1, rows_of(PARAMS, TIMES)), rtol=1e-5, atol=1e-5
+    )
+    assert predict(c).headers["X-Model-Version"] == "2"  # unpinned: the newest
+    assert predict(c, params={"version": 2}).headers["X-Model-Version"] == "2"
+    assert_error(predict(c, params={"version": 7}), 404, "has no servable version 7")
+    assert_error(predict(c, params={"version": 0}), 422, "query.version")
+    assert_error(predict(c, params={"version": "one"}), 422, "query.version")
+
+
 def _corrupt(root: Path, how: str) -> None:
     """Write version 3 of ``heat2d`` as a broken checkpoint (renamed into place, as a publisher would)."""
     src = root / NAME / "000002"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import io
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, Request, Response, status
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
 from services import metrics as M
@@ -37,9 +37,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _loaded(hub: HubDep, name: str) -> LoadedModel:
+def _loaded(hub: HubDep, name: str, version: int | None = None) -> LoadedModel:
     try:
-        return P.find_model(hub, name)
+        return P.find_model(hub, name, version)
     except P.PredictError as e:
         raise HTTPException(e.status, e.message) from None
 
@@ -106,13 +106,21 @@ def get_model(name: str, hub: HubDep) -> ModelCardPublic:
         }
     },
 )
-async def predict(name: str, request: Request, hub: HubDep, settings: SettingsDep) -> Response:
-    """Predict fields for a parameter set at given times; JSON or ``application/x-npy`` in and out."""
+async def predict(
+    name: str,
+    request: Request,
+    hub: HubDep,
+    settings: SettingsDep,
+    version: Annotated[int | None, Query(ge=1, description="a published version (default: the newest)")] = None,
+) -> Response:
+    """Predict fields for a parameter set at given times; JSON or ``application/x-npy`` in and out.
+
+    ``?version=N`` pins a published version, so that results stay reproducible while training goes on."""
     t0 = time.perf_counter()
     label = "_unknown"
     code = 500
     try:
-        m = _loaded(hub, name)  # one version for the whole request, whatever gets swapped in meanwhile
+        m = _loaded(hub, name, version)  # one version for the whole request, whatever gets swapped in meanwhile
         label = name
         body = await read_body(request, settings.max_body_bytes)
         ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
