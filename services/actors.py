@@ -106,9 +106,17 @@ class StudyControl:
         self._shards: list[Any] | None = None
         self._training: dict[str, Any] = {}
         self._ranks: dict[int, dict[str, Any]] = {}
+        self._pids: dict[int, int] = {}
 
-    def register_rank(self, rank: int, node: str) -> None:
+    def register_rank(self, rank: int, node: str, pid: int | None = None) -> None:
+        """A rank (again, after a restart of the worker group) says where it runs."""
         self._nodes[int(rank)] = node
+        if pid is not None:
+            self._pids[int(rank)] = int(pid)
+
+    def pids(self) -> dict[int, int]:
+        """The process id of each rank's worker, as last registered."""
+        return dict(self._pids)
 
     def nodes(self) -> dict[int, str]:
         return dict(self._nodes)

@@ -131,6 +131,10 @@ class TrainingConfig(_Strict):
         None, description="a zarr dataset (surge dataset build) to validate on instead of validation_simulations"
     )
     keep_versions: int = Field(5, ge=1)
+    max_failures: int = Field(
+        2, ge=0, description="trainer worker failures survived; each restarts every rank from the last checkpoint"
+    )
+    checkpoints_kept: int = Field(2, ge=1, description="training checkpoints kept for resuming (one per validation)")
     threads: int | None = Field(None, ge=1, description="torch threads per worker (default: Ray's CPU share)")
 
     @field_validator("model")

@@ -312,7 +312,7 @@ class Study:
         return not self.actors and self.feed is not None and self.feed.cap_reached
 
     def _make_trainer(self, validation_ref: ray.ObjectRef) -> Any:
-        from ray.train import RunConfig, ScalingConfig
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         t = self.config.training
@@ -339,7 +339,13 @@ class Study:
             # NCCL between GPUs, gloo between CPU workers; the device is chosen by Ray Train at run time.
             torch_config=TorchConfig(backend="nccl" if self.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=self.use_gpu),
-            run_config=RunConfig(name=self.id, storage_path=str(storage)),
+            run_config=RunConfig(
+                name=self.id,
+                storage_path=str(storage),
+                # A rank that dies restarts the worker group from the last checkpoint (one per validation).
+                checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_kept),
+                failure_config=FailureConfig(max_failures=t.max_failures),
+            ),
         )
 
     def _dispatch(self, trainer_alive: Callable[[], bool]) -> None:
@@ -617,6 +623,8 @@ class Study:
                 "compute_s": tr.get("compute_s", 0.0),
                 "version": tr.get("version"),
                 "history": tr.get("history", []),
+                "restarts": tr.get("restarts", 0),  # worker-group restarts from a checkpoint
+                "resumed_at": tr.get("resumed_at", []),  # the step each restart went on from
             },
             "ingest": self.feed.stats() if self.feed is not None else None,
         }
@@ -745,6 +753,8 @@ def pending_snapshot(study_id: str, config: StudyConfig, state: str, error: str 
             "compute_s": 0.0,
             "version": None,
             "history": [],
+            "restarts": 0,
+            "resumed_at": [],
         },
         "ingest": None,
     }

@@ -8,10 +8,14 @@ the model store and reports progress.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,11 +26,15 @@ import torch
 
 from services.config import TrainingConfig
 from services.dataplane import ShardBatches
+from services.metrics import PROGRESS_DIR
+from trainer.checkpoint import latest_state_dir, load_training_state, save_state_dir, state_step
 from trainer.dataset import Dataset
 from trainer.loop import LoopHooks, LoopStats, Moments, Normaliser, Schedule, evaluate, make_card, run_loop
 from trainer.models import build_model
 from trainer.problem import ProblemSpec
 from trainer.store import ModelStore
+
+log = logging.getLogger("surge.training")
 
 SHARD_WAIT_S = 300.0
 
@@ -111,7 +119,7 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     control = inp.control
     node = ray.get_runtime_context().get_node_id()
-    ray.get(control.register_rank.remote(rank, node))
+    ray.get(control.register_rank.remote(rank, node, os.getpid()))
     nodes = [node]
     if world > 1:
         gathered: list[Any] = [None] * world
@@ -127,6 +135,27 @@ def train_worker(config: dict[str, Any]) -> None:
     net = build_model(t.model, in_ch, out_ch, spec.grid, field_input=spec.field_input, **arch)
     model = ray.train.torch.prepare_model(net)
     net = net.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=t.lr)
+    # A restarted worker group (a rank died) goes on from the last checkpoint every rank reads: the
+    # newer of Ray Train's (registered only once its controller has polled the report) and the one
+    # rank 0 wrote into the study's directory in the store at its last validation.
+    norm, resumed, resumed_from = Normaliser(), None, None
+    ckpt_root = Path(inp.store) / PROGRESS_DIR / inp.study_id / "checkpoints"
+    ckpt = ray.train.get_checkpoint()
+    with contextlib.ExitStack() as stack:
+        candidates = [latest_state_dir(ckpt_root)]
+        if ckpt is not None:
+            candidates.append(Path(stack.enter_context(ckpt.as_directory())))
+        best = max((c for c in candidates if c is not None), key=state_step, default=None)
+        if best is not None and state_step(best) >= 0:
+            norm, resumed, extra = load_training_state(best, net, opt)
+            resumed_from = extra.get("version")
+    if resumed is not None:
+        log.warning("rank %d resumes at step %d (checkpoint of version %s)", rank, resumed.step, resumed_from)
+        if rank == 0:
+            prev = ray.get(control.training.remote())
+            resumed_at = [*prev.get("resumed_at", []), resumed.step]
+            ray.get(control.report_training.remote({"restarts": len(resumed_at), "resumed_at": resumed_at}))
 
     x_val_np, y_val_np = ray.get(inp.validation)
     mine = np.arange(rank, x_val_np.shape[0], world)  # this rank's slice of the validation set
@@ -161,7 +190,6 @@ def train_worker(config: dict[str, Any]) -> None:
     if first is None:
         return
     # Scalings from running statistics of the stream's first `norm_steps` steps, then fixed (saved in the card).
-    norm = Normaliser()
 
     def stream() -> Iterator[Any]:
         yield first
@@ -210,7 +238,22 @@ def train_worker(config: dict[str, Any]) -> None:
             store.prune(inp.model_name, t.keep_versions)
             metrics["version"] = version
             ray.get(control.report_training.remote(metrics))
-        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        # The same save serves and resumes: the version just published and the state it was trained to.
+        checkpoint = None
+        if rank == 0:
+            saved = save_state_dir(
+                ckpt_root,
+                s.step,
+                t.checkpoints_kept,
+                model=net,
+                opt=opt,
+                norm=norm,
+                stats=s,
+                extra={"version": metrics.get("version")},
+            )
+            checkpoint = ray.train.Checkpoint.from_directory(str(saved))
+        ray.train.report(numbers, checkpoint=checkpoint)
 
     hooks = LoopHooks(
         validate=lambda: _validate(net, x_val, y_val, norm, world),
@@ -228,6 +271,8 @@ def train_worker(config: dict[str, Any]) -> None:
         norm_steps=t.norm_steps,
         field_input=spec.field_input,
         loss=t.loss,
+        opt=opt,
+        start=resumed,
     )
     if feed is not None:
         feed.close()

@@ -294,9 +294,14 @@ def run_loop(
     norm_steps: int = 0,
     field_input: bool = False,
     loss: str = "rel_l2",
+    opt: torch.optim.Optimizer | None = None,
+    start: LoopStats | None = None,
 ) -> LoopStats:
     """Run ``schedule.total_steps`` optimiser steps over ``batches``; validate (and let the caller checkpoint)
     every ``validate_every`` steps.
+
+    ``opt`` is the Adam optimiser over ``model`` (made here if not given); a resumed run passes the
+    restored one with ``start``, the counters it had reached, and goes on from ``start.step``.
 
     A batch is ``(x, y)`` or ``(x, y, rows)`` where ``rows`` counts the samples of the step over every
     rank (``samples_seen`` is then exact in data-parallel training). The iterator may yield ``None`` at
@@ -304,9 +309,10 @@ def run_loop(
     ``norm_steps`` steps every batch also updates ``norm``'s running statistics.
     """
     steps = schedule.total_steps
-    opt = torch.optim.Adam(model.parameters(), lr=schedule.base_lr)
+    if opt is None:
+        opt = torch.optim.Adam(model.parameters(), lr=schedule.base_lr)
     loss_fn = LOSSES[loss]
-    stats = LoopStats()
+    stats = start if start is not None else LoopStats()
     it = iter(batches)
 
     def validate() -> None:
