@@ -163,6 +163,9 @@ class Study:
         self._buffer_stats: dict[str, Any] = {}
         self._nodes: set[str] = set()
         self.progress_path = Path(self.store_root) / PROGRESS_DIR / f"{self.id}.json"
+        # Set by a manager that serves studies for a long time (the gateway): a finished study then
+        # gives back its actors at once; left unset, they stay for their counts to be read (tests).
+        self.release_when_done = False
         self._rates: dict[str, float] = {"produced_per_s": 0.0, "consumed_per_s": 0.0}
         self._thread: threading.Thread | None = None
         self.control: ray.actor.ActorHandle | None = None
@@ -270,6 +273,8 @@ class Study:
         finally:
             self._teardown(trainer_thread)
             self.ended_at = time.time()
+            if self.release_when_done:
+                self.release()  # the shard and control processes go; the final counts stay in the snapshot
             self._write_progress()
 
     def _start_ingest(self) -> None:
@@ -670,6 +675,7 @@ class StudyManager:
             if running >= self.max_running:
                 raise StudyLimitError(f"{running} studies are running already (limit {self.max_running})")
             study = Study(config, self.store_root, ingest_token=self.ingest_token)
+            study.release_when_done = True
             self._studies[study.id] = study
         return study.start()
 

@@ -215,3 +215,24 @@ def test_online_and_offline_studies_share_one_code_path(tmp_path) -> None:
         parse_config({**base, "dataset": str(data), "training": {**base["training"], "batch_size": samples + 1}})
     online.release()
     offline.release()
+
+
+def test_a_study_run_by_the_manager_gives_back_its_actors_when_it_ends(tmp_path) -> None:
+    # The gateway's manager keeps studies for their snapshots; their processes must not outlive them.
+    from services.study import StudyManager
+
+    manager = StudyManager(tmp_path)
+    study = manager.start(parse_config(_config(name="released", simulations=40)))
+    deadline = time.time() + 120
+    while time.time() < deadline and not study.shards:
+        time.sleep(0.05)
+    shards, control = list(study.shards), study.control
+    assert shards and control is not None
+    assert study.join(240)
+    snap = manager.status(study.id)
+    assert snap["state"] == "finished", snap["error"]
+    assert snap["samples"]["received"] == 40 * (STEPS + 1)  # the final counts outlive the actors
+    assert study.shards == [] and study.control is None
+    for call in [*(s.stats for s in shards), control.training]:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(call.remote(), timeout=30)
