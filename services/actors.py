@@ -184,7 +184,7 @@ class SolverActor:
                 parts.clear()
                 # Invalid values (a diverged solve) fail the call here, before anything reaches a shard.
                 x, y, sid, tix = check_chunk(Chunk(x=x, y=y, sim_id=sid, t_index=tix))
-                for shard, rows in split_by_shard(sid, self.shards, self.group):
+                for shard, rows in split_by_shard(sid, tix, self.shards, self.group, self.chunk_steps):
                     part = (x, y, sid, tix) if rows is None else (x[rows], y[rows], sid[rows], tix[rows])
                     yield (shard, *chunk_keys(*part))
                     yield part

@@ -8,11 +8,16 @@ rank draws from its own shard: the shard answers with :class:`trainer.buffer.Bat
 and row indices), and the rank gathers the rows from zero-copy views of the chunks into its batch
 tensors, the one copy of the way (:class:`ShardBatches`), in a thread that runs ahead of the step.
 
-Routing: simulation ``i`` goes to shard ``(i // group) % n``, where ``group`` is the number of
-simulations a solver call runs together. A whole call then lands on one shard (no split, no copy),
-consecutive calls spread round-robin over the shards, and a simulation that is run again -- Ray
-re-running the call of a killed actor, or a failed simulation handed out again -- always goes back
-to the same shard, whose key memory drops what it already holds: exactly once across shards.
+Routing: sample ``(i, t)`` goes to shard ``(i // group + t // block) % n``, where ``group`` is the
+number of simulations a solver call runs together and ``block`` the recorded steps per chunk. A
+chunk (``block`` steps of one call's simulations) then lands whole on one shard (no split, no
+copy), and the chunks of every call rotate over all shards, so that each trainer rank's shard is
+fed by every running call: ranks step together (DDP), and a rank whose shard were fed only by
+calls blocked on a full shard would starve the others for ever. The shard of a sample depends on
+its key alone, so a sample that is produced again -- a killed actor's call re-run by Ray, a failed
+simulation handed out again -- goes back to the shard that has it, whose key memory drops it:
+exactly once across shards. The forwarder hands a call's chunks to their shards without waiting
+for one before the next (:func:`forward_chunks`), so a full shard holds back only its own chunks.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -38,9 +43,10 @@ class ShardsUnavailable(RuntimeError):
     """The study's buffer shards did not appear in time (the trainer never started)."""
 
 
-def shard_of(sim_id: np.ndarray, n: int, group: int) -> np.ndarray:
-    """The shard index of each simulation id (see the module docstring)."""
-    return (np.asarray(sim_id, dtype=np.int64) // max(1, group)) % n
+def shard_of(sim_id: np.ndarray, t_index: np.ndarray, n: int, group: int, block: int = 1) -> np.ndarray:
+    """The shard index of each sample ``(sim_id, t_index)`` (see the module docstring)."""
+    sim, t = np.asarray(sim_id, dtype=np.int64), np.asarray(t_index, dtype=np.int64)
+    return (sim // max(1, group) + t // max(1, block)) % n
 
 
 def _is_closed(e: BaseException) -> bool:
@@ -48,9 +54,11 @@ def _is_closed(e: BaseException) -> bool:
     return isinstance(cause, BufferClosed) or "BufferClosed" in str(e)
 
 
-def split_by_shard(sim_id: np.ndarray, n: int, group: int) -> list[tuple[int, np.ndarray | None]]:
+def split_by_shard(
+    sim_id: np.ndarray, t_index: np.ndarray, n: int, group: int, block: int = 1
+) -> list[tuple[int, np.ndarray | None]]:
     """``[(shard, rows), ...]`` of a chunk; ``rows`` is None when the whole chunk goes to one shard (no copy)."""
-    where = shard_of(sim_id, n, group)
+    where = shard_of(sim_id, t_index, n, group, block)
     if where.size == 0 or (where == where[0]).all():
         return [(int(where[0]) if where.size else 0, None)]
     return [(int(s), np.flatnonzero(where == s)) for s in np.unique(where)]
@@ -78,21 +86,38 @@ def put_ref(shard: Any, ref: ray.ObjectRef, keys: tuple[Any, ...] | None = None)
         raise
 
 
-def forward_chunks(stream: Any, shards: list[Any]) -> Iterator[int]:
-    """Hand each chunk of a ``SolverActor.run`` stream to its shard; yields the rows of each.
+def _settle(pending: Any) -> int:
+    try:
+        return int(ray.get(pending)[0])
+    except ray.exceptions.RayTaskError as e:
+        if _is_closed(e):
+            raise BufferClosed(str(e)) from None
+        raise
+
+
+def forward_chunks(stream: Any, shards: list[Any], max_pending: int = 64) -> Iterator[int]:
+    """Hand each chunk of a ``SolverActor.run`` stream to its shard; yields the rows of each, in order.
 
     The stream alternates a small inline ``(shard, *chunk_keys)`` and the chunk itself, which stays
-    in the object store and travels only as its reference. Raises ``BufferClosed`` when a shard is.
+    in the object store and travels only as its reference. Puts are not awaited one by one: a full
+    shard holds back its own chunks (backpressure) while the call's chunks for other shards go on,
+    up to ``max_pending`` chunks outstanding. Raises ``BufferClosed`` when a shard is closed.
     """
+    pending: deque[Any] = deque()
     head: tuple[Any, ...] = ()
-    for i, ref in enumerate(stream):
-        if i % 2 == 0:
-            head = tuple(ray.get(ref))
-            continue
-        try:
-            yield put_ref(shards[int(head[0])], ref, head[1:])[0]
-        finally:
+    try:
+        for i, ref in enumerate(stream):
+            if i % 2 == 0:
+                head = tuple(ray.get(ref))
+                continue
+            pending.append(shards[int(head[0])].put.remote([ref], head[1:]))
             del ref
+            while len(pending) > max_pending:
+                yield _settle(pending.popleft())
+        while pending:
+            yield _settle(pending.popleft())
+    finally:
+        pending.clear()
 
 
 class ShardRouter:
@@ -102,12 +127,13 @@ class ShardRouter:
     on first use (the shards exist once the trainer ranks have registered).
     """
 
-    def __init__(self, shards: list[Any] | None, group: int = 1, control: Any = None) -> None:
+    def __init__(self, shards: list[Any] | None, group: int = 1, control: Any = None, block: int = 1) -> None:
         if shards is None and control is None:
             raise ValueError("a ShardRouter needs its shards or the control actor that knows them")
         self._shards = list(shards) if shards is not None else None
         self._control = control
         self.group = max(1, int(group))
+        self.block = max(1, int(block))
         self._lock = threading.Lock()
 
     @property
@@ -137,7 +163,7 @@ class ShardRouter:
             return 0
         shards = self.shards
         pending = []
-        for s, rows in split_by_shard(sid, len(shards), self.group):
+        for s, rows in split_by_shard(sid, tix, len(shards), self.group, self.block):
             part = (x, y, sid, tix) if rows is None else (x[rows], y[rows], sid[rows], tix[rows])
             # Written once, owned by this process; the trainer only reads it in place.
             pending.append(shards[s].put.remote([ray.put(part)], chunk_keys(*part)))

@@ -216,6 +216,7 @@ class Study:
         trainer_thread: threading.Thread | None = None
         train_error: list[BaseException] = []
         try:
+            check_resources(cfg, ray.cluster_resources())
             if cfg.training.validation_dataset:
                 x_val, y_val = Dataset(cfg.training.validation_dataset).arrays()
             else:
@@ -286,7 +287,9 @@ class Study:
                 "study %s: ingest is enabled but SURGE_API_TOKEN is unset; external clients are refused", self.id
             )
         # External simulations come one per stream: each goes whole to its shard.
-        sink = ShardRouter(None, group=self.config.solvers.sims_per_call, control=self.control)
+        sink = ShardRouter(
+            None, group=self.config.solvers.sims_per_call, control=self.control, block=self.config.solvers.chunk_steps
+        )
         self.feed = StudyFeed(self.id, self.spec, sink, self.ids, ing, self._external_event)
         self._grpc = serve(
             ing.host, ing.port, token=self._ingest_token, max_message_bytes=int(ing.max_message_mb * 2**20)
@@ -333,11 +336,8 @@ class Study:
             record_keys=self.record_keys,
         )
         storage = Path(tempfile.gettempdir()) / "surge-ray-train"
-        # GPU when asked for and the cluster has one; otherwise train on CPUs rather than wait forever.
-        gpus = ray.cluster_resources().get("GPU", 0)
-        self.use_gpu = bool(t.use_gpu and gpus >= 1)
-        if t.use_gpu and not self.use_gpu:
-            log.warning("study %s: training.use_gpu is set but the Ray cluster has no GPU; training on CPU", self.id)
+        # check_resources has made sure that the cluster has a GPU per worker when use_gpu is set.
+        self.use_gpu = bool(t.use_gpu)
         return TorchTrainer(
             train_worker,
             train_loop_config={"training": t, "inputs": inputs},
@@ -637,6 +637,38 @@ class Study:
 
 def _finite(v: Any) -> float | None:
     return float(v) if v is not None and np.isfinite(v) else None
+
+
+class ResourcesError(RuntimeError):
+    """The study asks for more than the Ray cluster has: it could never be placed."""
+
+
+def check_resources(cfg: StudyConfig, cluster: dict[str, float]) -> None:
+    """Fail in seconds, naming what is missing, where Ray would leave actors pending for ever.
+
+    Counted against the cluster's total (what exists), not what is free: a study that fits waits
+    for others to end; one that does not fit never starts.
+    """
+    t = cfg.training
+    actors = 0 if cfg.dataset else cfg.solvers.actors
+    missing = []
+    if t.use_gpu:
+        gpus = float(cluster.get("GPU", 0))
+        if t.workers > gpus:
+            missing.append(
+                f"{t.workers} GPUs (training.workers: {t.workers} with use_gpu), the Ray cluster has {gpus:g}"
+                + ("; set training.use_gpu: false to train on CPUs" if gpus == 0 else "")
+            )
+    cpus = float(cluster.get("CPU", 0))
+    # Each Ray Train worker takes one CPU (with or without a GPU), each solver actor solvers.num_cpus.
+    need = actors * cfg.solvers.num_cpus + t.workers
+    if need > cpus:
+        missing.append(
+            f"{need:g} CPUs ({actors} solver actors x {cfg.solvers.num_cpus:g} + {t.workers} trainer workers),"
+            f" the Ray cluster has {cpus:g}"
+        )
+    if missing:
+        raise ResourcesError("the study needs " + "; and ".join(missing))
 
 
 class StudyLimitError(RuntimeError):

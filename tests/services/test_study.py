@@ -85,7 +85,7 @@ def test_killed_solver_actor_is_restarted_and_nothing_is_lost_or_counted_twice(t
     while time.time() < deadline and study.snapshot()["samples"]["received"] < 150:
         time.sleep(0.05)
     victim = study.actors[0]
-    pid = ray.get(victim.pid.remote())
+    pid = ray.get(victim.pid.remote(), timeout=120)
     ray.kill(victim, no_restart=False)  # dies mid-call; Ray restarts it and re-runs that call
     # The kill landed: Ray restarts the actor in a new process (asked while the study still runs).
     assert ray.get(victim.pid.remote(), timeout=60) != pid

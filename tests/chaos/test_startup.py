@@ -1,0 +1,44 @@
+"""A study that the cluster can never place fails in seconds with a message naming what is missing."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from services.config import parse_config
+from services.study import ResourcesError, Study, check_resources
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
+
+BASE = {"problem": {"config": {"n": 16, "steps": 10, "dt": 0.01}}, "simulations": 8}
+
+
+@pytest.mark.parametrize(
+    ("over", "needle"),
+    [
+        (
+            {"training": {"workers": 8, "use_gpu": True}},
+            "8 GPUs (training.workers: 8 with use_gpu), the Ray cluster has 0",
+        ),
+        ({"solvers": {"actors": 6}}, "7 CPUs (6 solver actors x 1 + 1 trainer workers), the Ray cluster has 4"),
+    ],
+)
+def test_a_study_the_cluster_cannot_place_fails_fast_naming_the_cause(tmp_path, over, needle) -> None:
+    t0 = time.monotonic()
+    study = Study(parse_config({**BASE, **over}), tmp_path).start()
+    assert study.join(60), "the study hung instead of failing"
+    snap = study.snapshot()
+    assert snap["state"] == "failed" and needle in snap["error"], snap["error"]
+    assert time.monotonic() - t0 < 30
+    study.release()
+
+
+def test_what_fits_passes_the_check() -> None:
+    check_resources(parse_config({**BASE, "solvers": {"actors": 3}}), {"CPU": 4.0})
+    check_resources(parse_config({**BASE, "training": {"workers": 2, "use_gpu": True}}), {"CPU": 4.0, "GPU": 2.0})
+    with pytest.raises(ResourcesError, match=r"2 GPUs .* the Ray cluster has 1$"):
+        check_resources(parse_config({**BASE, "training": {"workers": 2, "use_gpu": True}}), {"CPU": 4.0, "GPU": 1.0})
+    # An offline study runs no solver actors (checked on the validated config, before the dataset is read).
+    offline = parse_config({**BASE, "solvers": {"actors": 8}}).model_copy(update={"dataset": "d.zarr"})
+    check_resources(offline, {"CPU": 1.0})
