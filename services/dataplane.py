@@ -117,7 +117,15 @@ def forward_chunks(stream: Any, shards: list[Any], max_pending: int = 64) -> Ite
         while pending:
             yield _settle(pending.popleft())
     finally:
-        pending.clear()
+        # Stopped early (a shard closed, or the caller gave up): collect the puts still out, so that
+        # their errors (the shard closed under them) are read here rather than reported as unhandled.
+        if pending:
+            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=5.0)
+            for r in ready:
+                try:
+                    ray.get(r)
+                except Exception:  # BufferClosed or a dead shard: the caller already knows the stream ended
+                    pass
 
 
 class ShardRouter:
