@@ -4,7 +4,7 @@ The path is the study's own, with the solving and the training left out so that 
 samples is measured:
 
   producer actor (streaming generator: each chunk written once into the object store)
-    -> forwarder thread in the driver (``put_ref``: only the reference goes to the shard)
+    -> forwarder thread in the driver (``forward_chunks``: only the reference goes to the shard)
     -> ``BufferShard`` (FIFO: slots point at rows of chunks)
     -> ``ShardBatches`` in the driver (zero-copy views, one copy into a preallocated batch).
 

@@ -10,7 +10,7 @@ import numpy as np
 import ray
 
 import solvers
-from services.dataplane import chunk_keys, split_by_shard
+from services.dataplane import chunk_keys, shard_parts
 from trainer.buffer import Batch, Chunk, check_chunk, make_buffer
 from trainer.problem import ProblemSpec
 
@@ -45,10 +45,7 @@ class BufferShard:
         ``keys`` is the chunk's ``(sim_id, t_index, nbytes, (dx, dy))`` as its producer sent it
         (``dataplane.chunk_keys``); without it the chunk is mapped in place (zero-copy) to read them.
         Blocks while a FIFO/FIRO shard is full (backpressure); raises ``BufferClosed`` after ``close``."""
-        if keys is None:
-            x, y, sid, tix = ray.get(refs[0])
-            keys = (sid, tix, int(x.nbytes + y.nbytes), (int(x.shape[1]), int(y.shape[1])))
-        sid, tix, nbytes, dims = keys
+        sid, tix, nbytes, dims = keys if keys is not None else chunk_keys(*ray.get(refs[0]))
         new = self._buf.put_ref(refs[0], sid, tix, nbytes, dims)
         return int(np.asarray(sid).shape[0]), new
 
@@ -184,7 +181,6 @@ class SolverActor:
                 parts.clear()
                 # Invalid values (a diverged solve) fail the call here, before anything reaches a shard.
                 x, y, sid, tix = check_chunk(Chunk(x=x, y=y, sim_id=sid, t_index=tix))
-                for shard, rows in split_by_shard(sid, tix, self.shards, self.group, self.chunk_steps):
-                    part = (x, y, sid, tix) if rows is None else (x[rows], y[rows], sid[rows], tix[rows])
+                for shard, part in shard_parts((x, y, sid, tix), self.shards, self.group, self.chunk_steps):
                     yield (shard, *chunk_keys(*part))
                     yield part

@@ -64,6 +64,16 @@ def split_by_shard(
     return [(int(s), np.flatnonzero(where == s)) for s in np.unique(where)]
 
 
+def shard_parts(
+    chunk: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], n: int, group: int, block: int = 1
+) -> Iterator[tuple[int, tuple[np.ndarray, ...]]]:
+    """``(shard, part)`` for each shard a checked chunk ``(x, y, sim_id, t_index)`` has rows for
+    (the chunk itself, uncopied, when it goes whole to one shard)."""
+    x, y, sid, tix = chunk
+    for s, rows in split_by_shard(sid, tix, n, group, block):
+        yield s, chunk if rows is None else (x[rows], y[rows], sid[rows], tix[rows])
+
+
 def chunk_keys(x: np.ndarray, y: np.ndarray, sim_id: np.ndarray, t_index: np.ndarray) -> tuple[Any, ...]:
     """What a shard needs of a checked chunk, sent beside its reference: ``(sim_id, t_index, nbytes, (dx, dy))``.
 
@@ -73,20 +83,8 @@ def chunk_keys(x: np.ndarray, y: np.ndarray, sim_id: np.ndarray, t_index: np.nda
     return sim_id, t_index, int(x.nbytes + y.nbytes), (int(x.shape[1]), int(y.shape[1]))
 
 
-def put_ref(shard: Any, ref: ray.ObjectRef, keys: tuple[Any, ...] | None = None) -> tuple[int, int]:
-    """Hand a chunk's reference (and its ``chunk_keys``) to a shard and wait (backpressure).
-
-    Returns ``(rows, new rows)``; raises ``BufferClosed`` once the shard is closed.
-    """
-    try:
-        return tuple(ray.get(shard.put.remote([ref], keys)))  # type: ignore[return-value]
-    except ray.exceptions.RayTaskError as e:
-        if _is_closed(e):
-            raise BufferClosed(str(e)) from None
-        raise
-
-
 def _settle(pending: Any) -> int:
+    """Wait for one ``BufferShard.put``; its rows, or ``BufferClosed`` once the shard is closed."""
     try:
         return int(ray.get(pending)[0])
     except ray.exceptions.RayTaskError as e:
@@ -170,17 +168,13 @@ class ShardRouter:
         if x.shape[0] == 0:
             return 0
         shards = self.shards
-        pending = []
-        for s, rows in split_by_shard(sid, tix, len(shards), self.group, self.block):
-            part = (x, y, sid, tix) if rows is None else (x[rows], y[rows], sid[rows], tix[rows])
-            # Written once, owned by this process; the trainer only reads it in place.
-            pending.append(shards[s].put.remote([ray.put(part)], chunk_keys(*part)))
-        try:
-            ray.get(pending)
-        except ray.exceptions.RayTaskError as e:
-            if _is_closed(e):
-                raise BufferClosed(str(e)) from None
-            raise
+        # Each part written once, owned by this process; the trainer only reads it in place.
+        pending = [
+            shards[s].put.remote([ray.put(part)], chunk_keys(*part))
+            for s, part in shard_parts((x, y, sid, tix), len(shards), self.group, self.block)
+        ]
+        for p in pending:
+            _settle(p)
         return int(x.shape[0])
 
 
@@ -356,8 +350,10 @@ __all__ = [
     "ShardBatches",
     "ShardRouter",
     "ShardsUnavailable",
+    "chunk_keys",
+    "forward_chunks",
     "merge_stats",
-    "put_ref",
     "shard_of",
+    "shard_parts",
     "split_by_shard",
 ]

@@ -135,6 +135,11 @@ class Dataset:
         return self.x[:].reshape(len(self), -1), self.y[:].reshape(len(self), -1)
 
     @property
+    def blocks(self) -> int:
+        """Chunks along the sample axis."""
+        return -(-len(self) // self.block_rows)
+
+    @property
     def block_rows(self) -> int:
         """Rows per zarr chunk along the sample axis: the unit an epoch is shuffled and split in."""
         return int(self.x.chunks[0])
@@ -150,9 +155,8 @@ class Dataset:
         """
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"rank {rank} of world {world}: need 0 <= rank < world")
-        blocks = -(-len(self) // self.block_rows)
         g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
-        return torch.randperm(blocks, generator=g).numpy()[rank::world]
+        return torch.randperm(self.blocks, generator=g).numpy()[rank::world]
 
     def epochs(
         self,
@@ -174,11 +178,9 @@ class Dataset:
         """
         if not 1 <= batch_size <= len(self):
             raise DatasetError(f"{self.path} holds {len(self)} samples: no batch of {batch_size} can be drawn")
-        blocks = -(-len(self) // self.block_rows)
-        if world < 1 or not 0 <= rank < world:
-            raise ValueError(f"rank {rank} of world {world}: need 0 <= rank < world")
-        if world > blocks:
-            raise DatasetError(f"{self.path} holds {blocks} chunks: too few to share among {world} trainer ranks")
+        self.epoch_order(0, seed, rank, world)  # checks rank and world before anything is read
+        if world > self.blocks:
+            raise DatasetError(f"{self.path} holds {self.blocks} chunks: too few to share among {world} trainer ranks")
         row_bytes = 4 * (int(np.prod(self.spec.in_shape)) + int(np.prod(self.spec.out_shape)))
         per_window = max(1, window_bytes // (row_bytes * self.block_rows))
         g = torch.Generator().manual_seed(int(seed) * 1_000_003 + 7919 * rank + 1)
