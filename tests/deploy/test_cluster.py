@@ -120,7 +120,17 @@ def cluster(tmp_path_factory) -> Iterator[dict]:
     tmp = tmp_path_factory.mktemp("cluster")
     store = tmp / "models"
     store.mkdir()
-    names = ("gcs", "dashboard", "client", "head_metrics", "worker_metrics", "gateway", "prometheus")
+    names = (
+        "gcs",
+        "dashboard",
+        "client",
+        "head_metrics",
+        "worker_metrics",
+        "head_agent",
+        "worker_agent",
+        "gateway",
+        "prometheus",
+    )
     ports = {k: _port() for k in names}
     env = {
         **os.environ,
@@ -143,9 +153,17 @@ def cluster(tmp_path_factory) -> Iterator[dict]:
             # Ray's unix sockets live under its temp dir and their paths may not exceed 107 bytes.
             "RAY_TEMP_DIR": ray_tmp,
         }
-        # Extra arguments pass through to `ray start`: a free port for Ray's client server, which compose
-        # and Helm leave at its default.
-        head_cmd = ["bash", str(ENTRYPOINT), "ray-head", f"--ray-client-server-port={ports['client']}"]
+        # Extra arguments pass through to `ray start`: free ports for Ray's client server and each node's
+        # dashboard agent, which compose and Helm leave at their defaults (one node per container there; here
+        # both nodes, and any other Ray on this machine, share loopback, and a node whose agent cannot bind
+        # its port accepts no jobs).
+        head_cmd = [
+            "bash",
+            str(ENTRYPOINT),
+            "ray-head",
+            f"--ray-client-server-port={ports['client']}",
+            f"--dashboard-agent-listen-port={ports['head_agent']}",
+        ]
         jobs = f"http://127.0.0.1:{ports['dashboard']}"
         headers = {"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"}
         for attempt in range(2):
@@ -172,7 +190,11 @@ def cluster(tmp_path_factory) -> Iterator[dict]:
             "RAY_NUM_CPUS": "2",
             "RAY_NODE_IP": "127.0.0.1",
         }
-        procs.start("ray-worker", ["bash", str(ENTRYPOINT), "ray-worker"], worker_env)
+        procs.start(
+            "ray-worker",
+            ["bash", str(ENTRYPOINT), "ray-worker", f"--dashboard-agent-listen-port={ports['worker_agent']}"],
+            worker_env,
+        )
 
         def two_nodes() -> bool:
             nodes = httpx.get(f"{jobs}/nodes?view=summary", headers=headers).json()["data"]["summary"]
