@@ -10,7 +10,7 @@ import numpy as np
 import ray
 
 import solvers
-from services.dataplane import chunk_keys, shard_parts
+from services.dataplane import FAILED, STARTED, chunk_keys, shard_parts
 from trainer.buffer import Batch, Chunk, check_chunk, make_buffer
 from trainer.problem import ProblemSpec
 
@@ -142,17 +142,23 @@ class StudyControl:
         return dict(self._ranks)
 
 
-# max_restarts/max_task_retries: Ray restarts a dead solver actor and re-runs its unfinished
-# call with the same (sim ids, params, seeds); the chunks it had yielded already belong to the
-# driver, and the shards drop the samples they already hold by (simulation id, time index), so
-# nothing is lost and nothing is counted twice.
-@ray.remote(max_restarts=-1, max_task_retries=-1)
+# max_restarts: Ray restarts a dead solver actor in a new process. Its unfinished call is not
+# re-run by Ray (max_task_retries=0): the driver counts the attempt and hands the simulations out
+# again, one per call, at most solvers.max_attempts times, so that a simulation that kills its
+# process every time is given up instead of re-run for ever. The chunks a call had yielded already
+# belong to the driver, and the shards drop the samples they already hold by (simulation id, time
+# index), so a re-run loses nothing and counts nothing twice.
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
 class SolverActor:
     """Runs batches of simulations and yields their samples in chunks, each written once to the object store.
 
     ``run`` is a streaming generator: it yields, per chunk, a small inline head -- the index of the
     shard it is for and its keys (``dataplane.chunk_keys``) -- and then the chunk ``(x, y, sim_id,
-    t_index)``. Objects a generator yields are
+    t_index)``. A simulation whose output turns non-finite (a diverged solve) is dropped from that
+    chunk on, and named once by a head ``(FAILED, sim_ids, reason)`` followed by ``None``; the
+    others of its batch go on. The stream opens with ``(STARTED,)`` and ``None``. Objects a generator yields are
     owned by the caller (the study driver), so they outlive this actor; the driver hands only their
     references to the shards.
     """
@@ -173,14 +179,38 @@ class SolverActor:
         """Solve ``len(sim_ids)`` simulations, yielding ``head, chunk, head, chunk, ...`` (see the class)."""
         parts: list[tuple[np.ndarray, ...]] = []
         asm = self.spec.assembler(params, sim_ids)
+        diverged: set[int] = set()
+        # First, before any work: the driver then knows this call ran (a dead actor also fails the
+        # calls queued behind it, which never ran and cost their simulations no attempt).
+        yield (STARTED,)
+        yield None
         for k, fields in self.solver.stream(params, seeds):  # fields (B, C, *grid)
             if (s := asm.feed(k, fields)) is not None:
                 parts.append(s)
             if parts and (len(parts) >= self.chunk_steps or k == len(self.spec.times) - 1):
                 x, y, sid, tix = (np.concatenate(a) for a in zip(*parts, strict=True))
                 parts.clear()
-                # Invalid values (a diverged solve) fail the call here, before anything reaches a shard.
+                # Non-finite values fail their simulation here, before its chunk reaches a shard.
+                bad = _non_finite_sims(x, y, sid)
+                if new := sorted(set(bad) - diverged):
+                    diverged.update(new)
+                    yield (FAILED, np.asarray(new, dtype=np.int64), "the solver's output is not finite (NaN or inf)")
+                    yield None
+                if diverged:
+                    keep = ~np.isin(sid, np.fromiter(diverged, dtype=np.int64))
+                    if not keep.any():
+                        continue
+                    x, y, sid, tix = x[keep], y[keep], sid[keep], tix[keep]
                 x, y, sid, tix = check_chunk(Chunk(x=x, y=y, sim_id=sid, t_index=tix))
                 for shard, part in shard_parts((x, y, sid, tix), self.shards, self.group, self.chunk_steps):
                     yield (shard, *chunk_keys(*part))
                     yield part
+
+
+def _non_finite_sims(x: np.ndarray, y: np.ndarray, sim_id: np.ndarray) -> list[int]:
+    """Simulation ids with a non-finite value in any of their rows (as float32, where the buffer stores them)."""
+    with np.errstate(over="ignore"):  # overflow -> inf, which is what is looked for
+        ok = np.isfinite(np.asarray(x, dtype=np.float32)).all(axis=1) & np.isfinite(
+            np.asarray(y, dtype=np.float32)
+        ).all(axis=1)
+    return [] if ok.all() else [int(v) for v in np.unique(np.asarray(sim_id)[~ok])]

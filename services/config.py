@@ -48,9 +48,7 @@ class ProblemConfig(_Strict):
 
     @model_validator(mode="after")
     def _solver_config(self) -> ProblemConfig:
-        if self.solver not in solvers.available():
-            raise ValueError(f"unknown solver {self.solver!r}; available: {', '.join(solvers.available())}")
-        cls = solvers.config_class(self.solver)
+        cls = solvers.config_class(self.solver)  # a ValueError naming what is available
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(self.config) - known)
         if unknown:
@@ -100,6 +98,12 @@ class SolverActorsConfig(_Strict):
     sims_per_call: int = Field(8, ge=1, le=4096, description="simulations solved together in one batched call")
     chunk_steps: int = Field(10, ge=1, description="recorded steps gathered into one chunk sent to the buffer")
     num_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per solver actor")
+    max_attempts: int = Field(
+        3, ge=1, le=100, description="attempts per simulation (a crashed or raising solver) before it is given up"
+    )
+    max_failure_fraction: float = Field(
+        0.25, ge=0, le=1, description="the study stops with an error once more of its simulations than this fail"
+    )
 
 
 class BufferConfig(_Strict):
@@ -167,7 +171,14 @@ class IngestConfig(_Strict):
         1024.0, gt=0, description="server memory for simulations staged until complete, over all streams"
     )
     max_simulations: int | None = Field(None, ge=1, description="external simulations at most (default: no limit)")
-    max_attempts: int = Field(3, ge=1, description="times a simulation is handed out before it is given up")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_attempts" in data:
+            raise ValueError("ingest.max_attempts has moved to solvers.max_attempts (one limit for every solver)")
+        return data
+
     lease_s: float = Field(
         600.0, gt=0, description="a simulation handed out but not streamed for this long is handed out again"
     )

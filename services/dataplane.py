@@ -35,6 +35,7 @@ import torch
 
 from trainer.buffer import Batch, BufferClosed, Chunk, assemble, check_chunk
 
+FAILED, STARTED = -1, -2  # the shard index of message heads in a solver's stream (see forward_chunks)
 SHARDS_WAIT_S = 600.0  # how long a producer waits for the trainer ranks to register their shards
 VIEW_TTL_CALLS = 8  # a trainer rank lets go of a chunk it has not drawn from in this many requests
 
@@ -93,13 +94,22 @@ def _settle(pending: Any) -> int:
         raise
 
 
-def forward_chunks(stream: Any, shards: list[Any], max_pending: int = 64) -> Iterator[int]:
+def forward_chunks(
+    stream: Any,
+    shards: list[Any],
+    on_failed: Callable[[np.ndarray, str], None] | None = None,
+    on_started: Callable[[], None] | None = None,
+    max_pending: int = 64,
+) -> Iterator[int]:
     """Hand each chunk of a ``SolverActor.run`` stream to its shard; yields the rows of each, in order.
 
     The stream alternates a small inline ``(shard, *chunk_keys)`` and the chunk itself, which stays
     in the object store and travels only as its reference. Puts are not awaited one by one: a full
     shard holds back its own chunks (backpressure) while the call's chunks for other shards go on,
-    up to ``max_pending`` chunks outstanding. Raises ``BufferClosed`` when a shard is closed.
+    up to ``max_pending`` chunks outstanding. Raises ``BufferClosed`` when a shard is closed. Heads
+    with a negative shard index are messages followed by no chunk: ``(FAILED, sim_ids, reason)``
+    names simulations the solver failed (passed to ``on_failed``), ``(STARTED,)`` says that the call
+    has started running (``on_started``).
     """
     pending: deque[Any] = deque()
     head: tuple[Any, ...] = ()
@@ -107,6 +117,14 @@ def forward_chunks(stream: Any, shards: list[Any], max_pending: int = 64) -> Ite
         for i, ref in enumerate(stream):
             if i % 2 == 0:
                 head = tuple(ray.get(ref))
+                continue
+            if int(head[0]) == STARTED:
+                if on_started is not None:
+                    on_started()
+                continue
+            if int(head[0]) == FAILED:
+                if on_failed is not None:
+                    on_failed(np.asarray(head[1]), str(head[2]))
                 continue
             pending.append(shards[int(head[0])].put.remote([ref], head[1:]))
             del ref

@@ -115,9 +115,13 @@ class StudyCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snaps = read_snapshots(self.store)
-        sims = CounterMetricFamily("surge_simulations", "Simulations finished, by outcome", labels=["study", "status"])
+        sims = CounterMetricFamily(
+            "surge_simulations",
+            "Simulations finished, by outcome (retried: attempts run again)",
+            labels=["study", "status"],
+        )
         for s in snaps:
-            for status in ("done", "failed", "cancelled"):
+            for status in ("done", "failed", "cancelled", "retried"):
                 sims.add_metric([s["id"], status], float(s.get("simulations", {}).get(status, 0)))
         yield sims
         for name, doc, path in _COUNTERS:

@@ -39,9 +39,10 @@ log = logging.getLogger("surge.study")
 
 _CALLS_IN_FLIGHT = 2  # per solver actor: one running, one queued, so an actor never idles between calls
 _RANKS_WAIT_S = 600.0  # the trainer workers must all have started by then
+_FAILURES_JUDGED_AFTER = 20  # simulations ended before solvers.max_failure_fraction is applied
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity (an actor's queue of calls)
 class Assignment:
     """Simulations handed out together: ``ids [n]``, ``params [n, P]``, ``seeds [n]``, ``attempts [n]`` (1 = first)."""
 
@@ -56,8 +57,9 @@ class SimulationIds:
 
     Simulation ``i`` always gets the same parameters and seed, whoever runs it and however often:
     fresh ids are drawn in order (the sampler's ``i``-th draw is simulation ``i``'s), and a failed id
-    that is re-queued is handed out again, before any fresh one, with the parameters it had. An id
-    is handed out at most ``max_attempts`` times. Thread-safe.
+    that is re-queued is handed out again, alone and before any fresh one, with the parameters it
+    had. An id is handed out at most ``max_attempts`` times; an id given up is replaced by a fresh
+    one (``budget`` grows by one, up to twice the initial budget). Thread-safe.
     """
 
     def __init__(self, sampler: Sampler, seed: int, budget: int, max_attempts: int = 3) -> None:
@@ -71,14 +73,18 @@ class SimulationIds:
         self._params: dict[int, np.ndarray] = {}  # ids out or re-queued -> their parameters
         self._attempts: Counter[int] = Counter()
         self._out: dict[int, str] = {}  # id -> source, handed out and not settled yet
-        self.abandoned = 0
+        self.abandoned = 0  # ids given up (failed on every attempt); each is replaced by a fresh draw
+        self._max_budget = 2 * budget  # replacements stop there: a study that fails that much has a cause
 
     def take(self, n: int, source: str) -> Assignment | None:
         """Up to ``n`` simulations (re-queued ones first), or None when there is none to hand out now."""
         with self._lock:
             ids: list[int] = []
-            while len(ids) < n and self._requeued:
+            if self._requeued:
+                # A retry runs alone: a simulation that crashes its process fails only itself, and the
+                # others of its batch go through on their next attempt.
                 ids.append(self._requeued.popleft())
+                n = 1
             fresh = min(n - len(ids), self.budget - self._next)
             if fresh > 0:
                 new = range(self._next, self._next + fresh)
@@ -97,12 +103,18 @@ class SimulationIds:
         return Assignment(arr, params, simulation_seeds(self._seed, arr), attempts)
 
     def settle(self, ids: np.ndarray | list[int], outcome: str, requeue: bool = False) -> list[int]:
-        """``outcome`` ``done``, ``failed`` or ``cancelled``; failed ids are re-queued when ``requeue`` and
-        they have attempts left. Returns the re-queued ids. Ids not out (settled already) are ignored."""
+        """``outcome`` ``done``, ``failed``, ``cancelled`` or ``interrupted`` (handed out but never run: re-queued,
+        no attempt counted); failed ids are re-queued when ``requeue`` and they have attempts left.
+        Returns the re-queued ids. Ids not out (settled already) are ignored."""
         again: list[int] = []
         with self._lock:
             for i in (int(v) for v in ids):
                 if self._out.pop(i, None) is None:
+                    continue
+                if outcome == "interrupted":  # never ran (its call was queued on an actor that died)
+                    self._attempts[i] -= 1
+                    self._requeued.append(i)
+                    again.append(i)
                     continue
                 if outcome == "failed" and requeue and self._attempts[i] < self.max_attempts:
                     self._requeued.append(i)
@@ -111,6 +123,8 @@ class SimulationIds:
                 self._params.pop(i, None)
                 if outcome == "failed":
                     self.abandoned += 1
+                    # A new parameter point is drawn in its place (the next fresh id).
+                    self.budget = min(self.budget + 1, self._max_budget)
         return again
 
     def outstanding(self, source: str | None = None) -> int:
@@ -155,7 +169,9 @@ class Study:
         self.ended_at: float | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._sims = {"dispatched": 0, "done": 0, "failed": 0, "cancelled": 0}
+        # failed: given up (every attempt failed, or a non-finite output); retried: attempts handed out again.
+        self._sims = {"dispatched": 0, "done": 0, "failed": 0, "cancelled": 0, "retried": 0}
+        self._last_failure: str | None = None
         self._produced = 0  # samples offered to the buffer by the solver actors (as their calls end)
         self._produced_external = 0  # ... and by external clients over gRPC
         self._external = {"done": 0, "failed": 0}
@@ -179,7 +195,7 @@ class Study:
             Sampler(self.spec.params, config.sampler.kind, config.sampler.seed),
             config.sampler.seed,
             config.simulations,
-            config.ingest.max_attempts,
+            config.solvers.max_attempts,
         )
         # The gRPC ingest of external solvers (when config.ingest.enabled): same token as the gateway.
         self._ingest_token = ingest_token if ingest_token is not None else os.environ.get("SURGE_API_TOKEN")
@@ -266,10 +282,13 @@ class Study:
             self._poll()
             if train_error:
                 raise train_error[0]
-            self.state = "stopped" if self._stop.is_set() else "finished"
+            if self.error is not None:  # stopped by a limit (too many failed simulations): say so
+                self.state = "failed"
+            else:
+                self.state = "stopped" if self._stop.is_set() else "finished"
         except BaseException as e:
             log.exception("study %s failed", self.id)
-            self.error = f"{type(e).__name__}: {e}"
+            self.error = self.error or f"{type(e).__name__}: {e}"
             self.state = "failed"
         finally:
             self._teardown(trainer_thread)
@@ -398,38 +417,81 @@ class Study:
         for th in running:
             th.join(30)
 
-    def _forward(self, actor: ray.actor.ActorHandle, got: Any) -> None:
+    def _forward(self, actor: ray.actor.ActorHandle, got: Assignment) -> None:
         """Run one call and hand each chunk it yields to its shard, by reference (the backpressure waits here)."""
         ids = got.ids
         produced, closed = 0, False
+        diverged: list[int] = []
         t0 = time.perf_counter()
+
+        def on_failed(sims: np.ndarray, reason: str) -> None:
+            # Deterministic for its (parameters, seed): given up at once, not re-run.
+            log.warning("simulations %s failed: %s", sims.tolist(), reason)
+            diverged.extend(int(i) for i in sims)
+            self._settle(sims, "failed", reason)
+
+        started: list[bool] = []
         try:
             # At most a few chunks ahead of the shard: a solver never makes memory grow without bound.
             gen = actor.run.options(num_returns="streaming", _generator_backpressure_num_objects=4).remote(
                 ids, got.params, got.seeds
             )
             try:
-                for rows in forward_chunks(gen, self.shards):
+                for rows in forward_chunks(gen, self.shards, on_failed, lambda: started.append(True)):
                     produced += rows
             except BufferClosed:
                 closed = True
         except Exception as e:
-            # Ray has re-run the call already if the actor died; an error here is the solver's own,
-            # and would come back with the same parameters: not re-queued.
-            log.warning("simulations %s..%s failed: %s", ids[0], ids[-1], e)
-            self.ids.settle(ids, "failed")
+            # The solver raised, or its process died (a crash, an OOM kill): this attempt failed. The
+            # simulations go back to be run again, each alone, while they have attempts left.
+            crashed = isinstance(e, ray.exceptions.RayActorError)
             with self._lock:
-                self._sims["failed"] += len(ids)
                 self._produced += produced
+            rest = np.setdiff1d(ids, diverged)
+            # A dead actor fails its queued calls too: a call that never started (the actor's first
+            # message says it has) goes back without counting an attempt.
+            if crashed and not started:
+                self.ids.settle(rest, "interrupted")
+                return
+            what = "the solver process died" if crashed else f"the solver raised {_first_line(e)}"
+            log.warning("simulations %s..%s, attempt %s: %s", ids[0], ids[-1], int(got.attempts.max()), what)
+            self._settle(rest, "failed", what, requeue=True)
             return
         status = "cancelled" if closed else "done"
-        self.ids.settle(ids, status)
+        finished = np.setdiff1d(ids, diverged)
+        self._settle(finished, status)
         with self._lock:
-            self._sims[status] += len(ids)
             self._produced += produced
             self._solve_s += time.perf_counter() - t0
-            if status == "done":
-                self.done_ids.extend(int(i) for i in ids)
+
+    def _settle(self, ids: np.ndarray, outcome: str, reason: str | None = None, requeue: bool = False) -> None:
+        """Record how simulations ended; stop the study once failures pass ``solvers.max_failure_fraction``."""
+        if len(ids) == 0:
+            return
+        again = set(self.ids.settle(ids, outcome, requeue=requeue))
+        given_up = [int(i) for i in ids if int(i) not in again]
+        with self._lock:
+            self._sims["retried"] += len(again)
+            self._sims[outcome] += len(given_up)
+            if outcome == "done":
+                self.done_ids.extend(given_up)
+            if outcome == "failed" and given_up:
+                self._last_failure = reason
+            failed, settled = self._sims["failed"], self._sims["failed"] + self._sims["done"]
+        limit = self.config.solvers.max_failure_fraction
+        # Judged once enough have ended for a fraction to mean something (or the whole budget has).
+        if failed and settled >= min(_FAILURES_JUDGED_AFTER, self.config.simulations) and failed > limit * settled:
+            self._fail(
+                f"{failed} of {settled} simulations failed, more than solvers.max_failure_fraction = {limit:g}; "
+                f"last failure: {self._last_failure}"
+            )
+
+    def _fail(self, message: str) -> None:
+        """Stop the study with an error (the trainer still publishes what it has learnt)."""
+        if self.error is None:
+            log.error("study %s: %s", self.id, message)
+            self.error = message
+        self.stop()
 
     def _monitor(self) -> None:
         while self.running:
@@ -635,6 +697,13 @@ class Study:
         }
 
 
+def _first_line(e: BaseException) -> str:
+    """An exception as one short line (a Ray task error carries the remote traceback)."""
+    cause = getattr(e, "cause", None) or e
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"[:300]
+
+
 def _finite(v: Any) -> float | None:
     return float(v) if v is not None and np.isfinite(v) else None
 
@@ -760,6 +829,7 @@ def pending_snapshot(study_id: str, config: StudyConfig, state: str, error: str 
             "done": 0,
             "failed": 0,
             "cancelled": 0,
+            "retried": 0,
             "budget": config.simulations,
             "external_done": 0,
             "external_failed": 0,

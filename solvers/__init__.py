@@ -1,4 +1,9 @@
-"""Numerical PDE solvers, registered by name: ``solvers.get("heat2d")``."""
+"""Numerical PDE solvers, registered by name: ``solvers.get("heat2d")``.
+
+A solver of one's own is named by its import path, ``"package.module:Class"`` (a class
+with what ``Solver`` asks and a ``Config``): it is imported where it is needed, on every node, so its package must
+be importable there.
+"""
 
 from __future__ import annotations
 
@@ -25,27 +30,42 @@ def available() -> list[str]:
 
 def get(name: str, **config: Any) -> Solver:
     """Build the solver ``name`` from keyword config (validated by its config dataclass)."""
-    try:
-        cls = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown solver {name!r}; available: {', '.join(available())}") from None
+    cls = solver_class(name)
     return cls(cls.Config(**config))
 
 
 def solver_class(name: str) -> type:
-    """The registered class of solver ``name``."""
-    try:
+    """The class of solver ``name``: a registered name, or ``"package.module:Class"``."""
+    if name in _REGISTRY:
         return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown solver {name!r}; available: {', '.join(available())}") from None
+    if ":" in name:
+        return _import(name)
+    raise ValueError(f"unknown solver {name!r}; available: {', '.join(available())} (or package.module:Class)")
+
+
+def solver_ref(cls: type) -> str:
+    """The name that finds ``cls`` again: its registered name, else ``"package.module:Class"``."""
+    name = getattr(cls, "name", None)
+    return name if _REGISTRY.get(name) is cls else f"{cls.__module__}:{cls.__qualname__}"
 
 
 def config_class(name: str) -> type:
     """The frozen config dataclass of solver ``name``."""
-    get_cls = _REGISTRY.get(name)
-    if get_cls is None:
-        raise ValueError(f"unknown solver {name!r}; available: {', '.join(available())}")
-    return get_cls.Config
+    return solver_class(name).Config
+
+
+def _import(path: str) -> type:
+    import importlib
+
+    module, _, attr = path.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import solver {path!r}: {e}") from None
+    # The Solver protocol has data members, so issubclass cannot check it: look for what is used.
+    if not (isinstance(cls, type) and all(hasattr(cls, a) for a in ("Config", "stream", "solve", "name"))):
+        raise ValueError(f"solver {path!r} is not a solver class (Config, name, solve, stream)")
+    return cls
 
 
 def _discover() -> None:
@@ -60,4 +80,4 @@ def _discover() -> None:
 
 _discover()
 
-__all__ = ["ParamSpace", "Solver", "available", "config_class", "get", "register", "solver_class"]
+__all__ = ["ParamSpace", "Solver", "available", "config_class", "get", "register", "solver_class", "solver_ref"]

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+import solvers
 from solvers.base import ParamSpace, Solver
 
 KINDS = ("parametric", "operator")
@@ -81,7 +82,7 @@ class ProblemSpec:
     @classmethod
     def from_solver(cls, solver: Solver, solver_config: dict[str, Any], **problem: Any) -> ProblemSpec:
         return cls(
-            solver=type(solver).name,
+            solver=solvers.solver_ref(type(solver)),
             solver_config=dict(solver_config),
             params=solver.params,
             fields=tuple(solver.fields),

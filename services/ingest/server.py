@@ -21,7 +21,7 @@ An external simulation's life:
    harmless). Only then is the simulation done.
 
 A rejected, incomplete, cancelled or broken stream drops what it staged: nothing of it reaches the
-buffer; the simulation is counted failed and re-queued (at most ``ingest.max_attempts`` tries).
+buffer; the simulation is counted failed and re-queued (at most ``solvers.max_attempts`` tries).
 """
 
 from __future__ import annotations

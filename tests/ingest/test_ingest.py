@@ -49,7 +49,7 @@ STUDY = {
     "name": "ingest",
     "problem": {"config": SOLVER},
     "simulations": 10_000,
-    "solvers": {"actors": 0, "chunk_steps": 5},
+    "solvers": {"actors": 0, "chunk_steps": 5, "max_attempts": 50},
     "buffer": {"policy": "fifo", "capacity": 600, "watermark": 200},
     "training": {
         "model": "mlp",
@@ -60,7 +60,7 @@ STUDY = {
         "validate_every": 10,
         "validation_simulations": 4,
     },
-    "ingest": {"enabled": True, "port": 0, "max_simulations": MAX_SIMS, "max_attempts": 50, "max_message_mb": 1},
+    "ingest": {"enabled": True, "port": 0, "max_simulations": MAX_SIMS, "max_message_mb": 1},
 }
 
 
