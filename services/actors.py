@@ -148,8 +148,6 @@ class StudyControl:
 # process every time is given up instead of re-run for ever. The chunks a call had yielded already
 # belong to the driver, and the shards drop the samples they already hold by (simulation id, time
 # index), so a re-run loses nothing and counts nothing twice.
-
-
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class SolverActor:
     """Runs batches of simulations and yields their samples in chunks, each written once to the object store.
@@ -158,8 +156,8 @@ class SolverActor:
     shard it is for and its keys (``dataplane.chunk_keys``) -- and then the chunk ``(x, y, sim_id,
     t_index)``. A simulation whose output turns non-finite (a diverged solve) is dropped from that
     chunk on, and named once by a head ``(FAILED, sim_ids, reason)`` followed by ``None``; the
-    others of its batch go on. The stream opens with ``(STARTED,)`` and ``None``. Objects a generator yields are
-    owned by the caller (the study driver), so they outlive this actor; the driver hands only their
+    others of its batch go on. The stream opens with ``(STARTED,)`` and ``None``. Objects a
+    generator yields are owned by the caller (the study driver), so they outlive this actor; the driver hands only their
     references to the shards.
     """
 
@@ -188,23 +186,39 @@ class SolverActor:
             if (s := asm.feed(k, fields)) is not None:
                 parts.append(s)
             if parts and (len(parts) >= self.chunk_steps or k == len(self.spec.times) - 1):
-                x, y, sid, tix = (np.concatenate(a) for a in zip(*parts, strict=True))
+                chunk = tuple(np.concatenate(a) for a in zip(*parts, strict=True))
                 parts.clear()
-                # Non-finite values fail their simulation here, before its chunk reaches a shard.
-                bad = _non_finite_sims(x, y, sid)
-                if new := sorted(set(bad) - diverged):
-                    diverged.update(new)
-                    yield (FAILED, np.asarray(new, dtype=np.int64), "the solver's output is not finite (NaN or inf)")
+                checked, failed = _checked(chunk, diverged)
+                if failed.size:
+                    yield (FAILED, failed, "the solver's output is not finite (NaN or inf)")
                     yield None
-                if diverged:
-                    keep = ~np.isin(sid, np.fromiter(diverged, dtype=np.int64))
-                    if not keep.any():
-                        continue
-                    x, y, sid, tix = x[keep], y[keep], sid[keep], tix[keep]
-                x, y, sid, tix = check_chunk(Chunk(x=x, y=y, sim_id=sid, t_index=tix))
-                for shard, part in shard_parts((x, y, sid, tix), self.shards, self.group, self.chunk_steps):
+                if checked is None:
+                    continue
+                for shard, part in shard_parts(checked, self.shards, self.group, self.chunk_steps):
                     yield (shard, *chunk_keys(*part))
                     yield part
+
+
+def _checked(chunk: tuple[np.ndarray, ...], diverged: set[int]) -> tuple[tuple[np.ndarray, ...] | None, np.ndarray]:
+    """``chunk`` through ``check_chunk`` without the rows of simulations in ``diverged`` (None if no row is left),
+    and the ids of simulations it finds non-finite now (added to ``diverged``): their rows never reach a shard."""
+    x, y, sid, tix = chunk
+    if diverged:
+        keep = ~np.isin(sid, np.fromiter(diverged, dtype=np.int64))
+        x, y, sid, tix = x[keep], y[keep], sid[keep], tix[keep]
+    none = np.empty(0, dtype=np.int64)
+    if sid.size == 0:
+        return None, none
+    try:
+        return check_chunk(Chunk(x=x, y=y, sim_id=sid, t_index=tix)), none
+    except ValueError:
+        # Only on this path are rows looked at one by one: a valid chunk is checked once, as before.
+        new = _non_finite_sims(x, y, sid)
+        if not new:
+            raise  # invalid for another reason (shape, dtype): the solver's own error
+    diverged.update(new)
+    rest, _ = _checked((x, y, sid, tix), diverged)
+    return rest, np.asarray(new, dtype=np.int64)
 
 
 def _non_finite_sims(x: np.ndarray, y: np.ndarray, sim_id: np.ndarray) -> list[int]:

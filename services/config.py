@@ -171,6 +171,9 @@ class IngestConfig(_Strict):
         1024.0, gt=0, description="server memory for simulations staged until complete, over all streams"
     )
     max_simulations: int | None = Field(None, ge=1, description="external simulations at most (default: no limit)")
+    lease_s: float = Field(
+        600.0, gt=0, description="a simulation handed out but not streamed for this long is handed out again"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -178,10 +181,6 @@ class IngestConfig(_Strict):
         if isinstance(data, dict) and "max_attempts" in data:
             raise ValueError("ingest.max_attempts has moved to solvers.max_attempts (one limit for every solver)")
         return data
-
-    lease_s: float = Field(
-        600.0, gt=0, description="a simulation handed out but not streamed for this long is handed out again"
-    )
 
 
 class StudyConfig(_Strict):

@@ -42,7 +42,7 @@ _RANKS_WAIT_S = 600.0  # the trainer workers must all have started by then
 _FAILURES_JUDGED_AFTER = 20  # simulations ended before solvers.max_failure_fraction is applied
 
 
-@dataclass(frozen=True, eq=False)  # compared by identity (an actor's queue of calls)
+@dataclass(frozen=True)
 class Assignment:
     """Simulations handed out together: ``ids [n]``, ``params [n, P]``, ``seeds [n]``, ``attempts [n]`` (1 = first)."""
 
