@@ -189,11 +189,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import signal
-
-    from rich.console import Console
-
-    from services.study import Study
+    from services.study import Study, StudyExists, StudyRunning
 
     if args.config_env:
         from services.config import parse_config
@@ -206,7 +202,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = _load(args.config)
     init_ray(args.cpus, args.address)
-    study = Study(cfg, Path(args.store), study_id=args.study_id).start()
+    try:
+        study = Study(cfg, Path(args.store), study_id=args.study_id).start()
+    except (StudyExists, StudyRunning) as e:
+        print(f"surge: {e}", file=sys.stderr)
+        return 2
+    return _follow(study)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Go on with a study of the store whose driver died (or was stopped), in this process."""
+    from services.study import StudyNotResumable, StudyRunning, resumable
+
+    try:
+        study = resumable(Path(args.store), args.study_id)
+    except (StudyNotResumable, StudyRunning) as e:
+        print(f"surge: {e}", file=sys.stderr)
+        return 2
+    if study is None:
+        print(f"surge: no study {args.study_id!r} in {Path(args.store).resolve()}", file=sys.stderr)
+        return 2
+    init_ray(args.cpus, args.address)
+    return _follow(study.start())
+
+
+def _follow(study: Any) -> int:
+    import signal
+
+    from rich.console import Console
+
     # A Ray job being stopped gets SIGTERM: stop the study so that it publishes a last checkpoint.
     signal.signal(signal.SIGTERM, lambda *_: study.stop())
     console = Console()
@@ -218,6 +242,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         study.stop()
     study.join()
     console.print(render_progress(study.snapshot()))
+    if study.error:
+        console.print(f"[red]study {study.id} {study.state}: {study.error}[/red]")
     return 0 if study.state in ("finished", "stopped") else 1
 
 
@@ -319,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--config-env", default=None, help="read the study config (JSON) from this variable")
     t.add_argument("--study-id", default=None)
     t.set_defaults(func=cmd_train)
+
+    rs = sub.add_parser("resume", help="go on with a study whose driver died or was stopped")
+    rs.add_argument("study_id")
+    common(rs, config=False)
+    rs.set_defaults(func=cmd_resume)
 
     sb = sub.add_parser("submit", help="send a study to a running gateway")
     sb.add_argument("config", nargs="?", default=None, help=f"study YAML (default {DEFAULT_CONFIG.name})")

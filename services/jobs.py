@@ -47,24 +47,26 @@ class RayJobStudies:
             raise StudiesUnavailable(f"cannot reach the Ray cluster's job API at {self.address}: {e}") from None
 
     def submit(self, config: StudyConfig) -> dict[str, Any]:
-        client = self._client()
         study_id = f"{config.name}-{uuid.uuid4().hex[:8]}"
         entrypoint = (
             f"surge train --config-env {CONFIG_ENV} --study-id {shlex.quote(study_id)} "
             f"--store {shlex.quote(str(self.store))}"
         )
+        self._submit(entrypoint, study_id, config, study_id)
+        return pending_snapshot(study_id, config, "starting")
+
+    def _submit(self, entrypoint: str, job_id: str, config: StudyConfig, study_id: str) -> None:
+        client = self._client()
         env = {CONFIG_ENV: config.model_dump_json()}
         # The study's gRPC ingest (external solvers) checks the same bearer token as this gateway.
         if token := os.environ.get("SURGE_API_TOKEN"):
             env["SURGE_API_TOKEN"] = token
+        meta = {"surge_study": config.name, "surge_config": config.model_dump_json(), "surge_study_id": study_id}
         deadline = time.monotonic() + SUBMIT_PATIENCE_S
         while True:
             try:
                 client.submit_job(
-                    entrypoint=entrypoint,
-                    submission_id=study_id,
-                    runtime_env={"env_vars": env},
-                    metadata={"surge_study": config.name, "surge_config": config.model_dump_json()},
+                    entrypoint=entrypoint, submission_id=job_id, runtime_env={"env_vars": env}, metadata=meta
                 )
                 break
             except Exception as e:
@@ -73,7 +75,6 @@ class RayJobStudies:
                     time.sleep(1.0)
                     continue
                 raise StudiesUnavailable(f"the Ray cluster refused the study: {e}") from None
-        return pending_snapshot(study_id, config, "starting")
 
     def _snapshot_file(self, study_id: str) -> dict[str, Any] | None:
         f = self.store / PROGRESS_DIR / f"{study_id}.json"
@@ -86,7 +87,7 @@ class RayJobStudies:
         meta = job.metadata or {}
         if "surge_config" not in meta:
             return None  # not a study
-        study_id = job.submission_id
+        study_id = meta.get("surge_study_id", job.submission_id)  # a resume runs as a job of its own
         state = _JOB_STATES.get(str(job.status).rsplit(".", 1)[-1], "running")
         snap = self._snapshot_file(study_id)
         if snap is None:
@@ -97,28 +98,49 @@ class RayJobStudies:
             snap = {**snap, "state": state, "error": snap.get("error") or job.message}
         return snap
 
-    def status(self, study_id: str) -> dict[str, Any] | None:
-        client = self._client()
-        try:
-            job = client.get_job_info(study_id)
-        except RuntimeError:  # the job API's way of saying "no such job"
-            return None
-        except Exception as e:
-            raise StudiesUnavailable(f"cannot reach the Ray cluster's job API at {self.address}: {e}") from None
-        return self._merge(job)
-
-    def statuses(self) -> list[dict[str, Any]]:
+    def _latest_jobs(self) -> dict[str, Any]:
+        """The newest job of every study (its first run, or its latest resume), by study id."""
         try:
             jobs = self._client().list_jobs()
         except StudiesUnavailable:
             raise
         except Exception as e:
             raise StudiesUnavailable(f"cannot reach the Ray cluster's job API at {self.address}: {e}") from None
-        return [s for j in jobs if (s := self._merge(j)) is not None]
+        latest: dict[str, Any] = {}
+        for j in sorted(jobs, key=lambda j: j.start_time or 0):
+            meta = j.metadata or {}
+            if "surge_config" in meta:
+                latest[meta.get("surge_study_id", j.submission_id)] = j
+        return latest
+
+    def status(self, study_id: str) -> dict[str, Any] | None:
+        job = self._latest_jobs().get(study_id)
+        return self._merge(job) if job is not None else None
+
+    def statuses(self) -> list[dict[str, Any]]:
+        return [s for j in self._latest_jobs().values() if (s := self._merge(j)) is not None]
 
     def cancel(self, study_id: str) -> dict[str, Any] | None:
-        snap = self.status(study_id)
-        if snap is None:
+        job = self._latest_jobs().get(study_id)
+        if job is None:
             return None
-        self._client().stop_job(study_id)
+        snap = self._merge(job)
+        self._client().stop_job(job.submission_id)
         return snap
+
+    def resume(self, study_id: str) -> dict[str, Any] | None:
+        """A job that runs ``surge resume`` for a study whose last job ended (or whose driver died)."""
+        from services.study import StudyNotResumable, StudyRunning, resumable_config
+
+        job = self._latest_jobs().get(study_id)
+        if job is None:
+            return None
+        if str(job.status).rsplit(".", 1)[-1] in ("PENDING", "RUNNING"):
+            raise StudyRunning(f"study {study_id!r} is running (Ray job {job.submission_id})")
+        # Checked here (the store is shared with the cluster) so that the caller hears at once.
+        config = resumable_config(self.store, study_id)
+        if config is None:
+            raise StudyNotResumable(f"study {study_id!r} has no state in {self.store} to resume from")
+        entrypoint = f"surge resume {shlex.quote(study_id)} --store {shlex.quote(str(self.store))}"
+        self._submit(entrypoint, f"{study_id}-resume-{uuid.uuid4().hex[:6]}", config, study_id)
+        return pending_snapshot(study_id, config, "starting")

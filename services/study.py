@@ -12,13 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 import uuid
-from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,8 +25,9 @@ import ray
 from services.actors import BufferShard, SolverActor, StudyControl
 from services.config import StudyConfig
 from services.dataplane import ShardRouter, forward_chunks, merge_stats
+from services.ledger import Assignment, LedgerError, SimulationIds
 from services.metrics import PROGRESS_DIR
-from services.sampling import Sampler, simulation_seeds
+from services.sampling import Sampler
 from services.training import WorkerInputs, train_worker, validation_set
 from trainer.buffer import BufferClosed
 from trainer.dataset import Dataset
@@ -42,113 +40,6 @@ _RANKS_WAIT_S = 600.0  # the trainer workers must all have started by then
 _FAILURES_JUDGED_AFTER = 20  # simulations ended before solvers.max_failure_fraction is applied
 
 
-@dataclass(frozen=True)
-class Assignment:
-    """Simulations handed out together: ``ids [n]``, ``params [n, P]``, ``seeds [n]``, ``attempts [n]`` (1 = first)."""
-
-    ids: np.ndarray
-    params: np.ndarray
-    seeds: np.ndarray
-    attempts: np.ndarray
-
-
-class SimulationIds:
-    """The one sequence of simulation ids of a study, shared by its solver actors and external clients.
-
-    Simulation ``i`` always gets the same parameters and seed, whoever runs it and however often:
-    fresh ids are drawn in order (the sampler's ``i``-th draw is simulation ``i``'s), and a failed id
-    that is re-queued is handed out again, alone and before any fresh one, with the parameters it
-    had. An id is handed out at most ``max_attempts`` times; an id given up is replaced by a fresh
-    one (``budget`` grows by one, up to twice the initial budget). Thread-safe.
-    """
-
-    def __init__(self, sampler: Sampler, seed: int, budget: int, max_attempts: int = 3) -> None:
-        self._sampler = sampler
-        self._seed = seed
-        self.budget = budget
-        self.max_attempts = max_attempts
-        self._lock = threading.Lock()
-        self._next = 0
-        self._requeued: deque[int] = deque()
-        self._params: dict[int, np.ndarray] = {}  # ids out or re-queued -> their parameters
-        self._attempts: Counter[int] = Counter()
-        self._out: dict[int, str] = {}  # id -> source, handed out and not settled yet
-        self.abandoned = 0  # ids given up (failed on every attempt); each is replaced by a fresh draw
-        self._max_budget = 2 * budget  # replacements stop there: a study that fails that much has a cause
-
-    def take(self, n: int, source: str) -> Assignment | None:
-        """Up to ``n`` simulations (re-queued ones first), or None when there is none to hand out now."""
-        with self._lock:
-            ids: list[int] = []
-            if self._requeued:
-                # A retry runs alone: a simulation that crashes its process fails only itself, and the
-                # others of its batch go through on their next attempt.
-                ids.append(self._requeued.popleft())
-                n = 1
-            fresh = min(n - len(ids), self.budget - self._next)
-            if fresh > 0:
-                new = range(self._next, self._next + fresh)
-                for i, p in zip(new, self._sampler.draw(fresh), strict=True):
-                    self._params[i] = p
-                ids.extend(new)
-                self._next += fresh
-            if not ids:
-                return None
-            for i in ids:
-                self._attempts[i] += 1
-                self._out[i] = source
-            arr = np.asarray(ids, dtype=np.int64)
-            params = np.stack([self._params[i] for i in ids])
-            attempts = np.asarray([self._attempts[i] for i in ids], dtype=np.int64)
-        return Assignment(arr, params, simulation_seeds(self._seed, arr), attempts)
-
-    def settle(self, ids: np.ndarray | list[int], outcome: str, requeue: bool = False) -> list[int]:
-        """``outcome`` ``done``, ``failed``, ``cancelled`` or ``interrupted`` (handed out but never run: re-queued,
-        no attempt counted); failed ids are re-queued when ``requeue`` and they have attempts left.
-        Returns the re-queued ids. Ids not out (settled already) are ignored."""
-        again: list[int] = []
-        with self._lock:
-            for i in (int(v) for v in ids):
-                if self._out.pop(i, None) is None:
-                    continue
-                if outcome == "interrupted":  # never ran (its call was queued on an actor that died)
-                    self._attempts[i] -= 1
-                    self._requeued.append(i)
-                    again.append(i)
-                    continue
-                if outcome == "failed" and requeue and self._attempts[i] < self.max_attempts:
-                    self._requeued.append(i)
-                    again.append(i)
-                    continue
-                self._params.pop(i, None)
-                if outcome == "failed":
-                    self.abandoned += 1
-                    # A new parameter point is drawn in its place (the next fresh id).
-                    self.budget = min(self.budget + 1, self._max_budget)
-        return again
-
-    def outstanding(self, source: str | None = None) -> int:
-        """Simulations handed out (to ``source``, or to anyone) and not settled yet."""
-        with self._lock:
-            return sum(1 for s in self._out.values() if source is None or s == source)
-
-    def is_out(self, sim_id: int) -> bool:
-        with self._lock:
-            return sim_id in self._out
-
-    @property
-    def exhausted(self) -> bool:
-        """Every fresh id handed out and none waiting to be handed out again."""
-        with self._lock:
-            return self._next >= self.budget and not self._requeued
-
-    @property
-    def handed_out(self) -> int:
-        """Distinct ids handed out so far."""
-        with self._lock:
-            return self._next
-
-
 class Study:
     """One running study. Thread-safe ``snapshot()`` for the gateway, CLI and metrics."""
 
@@ -158,6 +49,7 @@ class Study:
         store_root: str | Path,
         study_id: str | None = None,
         ingest_token: str | None = None,
+        resume: bool = False,
     ) -> None:
         self.config = config
         self.id = study_id or f"{config.name}-{uuid.uuid4().hex[:8]}"
@@ -191,12 +83,31 @@ class Study:
         self.actors: list[ray.actor.ActorHandle] = []
         self.done_ids: list[int] = []
         self.use_gpu = False
-        self.ids = SimulationIds(
-            Sampler(self.spec.params, config.sampler.kind, config.sampler.seed),
-            config.sampler.seed,
-            config.simulations,
-            config.solvers.max_attempts,
-        )
+        self.dir = study_dir(self.store_root, self.id)
+        self.resumed = resume
+        sampler = Sampler(self.spec.params, config.sampler.kind, config.sampler.seed)
+        ledger_args = (sampler, config.sampler.seed, config.simulations, config.solvers.max_attempts)
+        self._lockfile: Any = None
+        if resume:
+            # Only once no other process drives the study may its journal be read and written on.
+            self._lock_driver()
+            # Where the dead driver stood: the same sampler position, attempts, done and given-up ids.
+            try:
+                self.ids = SimulationIds.replay(self.dir / LEDGER_FILE, *ledger_args)
+            except BaseException:
+                self._unlock_driver()
+                raise
+            for k in ("done", "failed", "cancelled", "retried"):
+                self._sims[k] = self.ids.counts[k]
+            self._sims["dispatched"] = self.ids.handed_out
+            self.done_ids = list(self.ids.done)
+        else:
+            if (self.dir / LEDGER_FILE).exists():
+                raise StudyExists(f"study {self.id!r} exists in {self.store_root}: resume it, or start a new one")
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / CONFIG_FILE).write_text(config.model_dump_json(indent=1))
+            self._lock_driver()
+            self.ids = SimulationIds(*ledger_args, journal=self.dir / LEDGER_FILE)
         # The gRPC ingest of external solvers (when config.ingest.enabled): same token as the gateway.
         self._ingest_token = ingest_token if ingest_token is not None else os.environ.get("SURGE_API_TOKEN")
         self.feed: Any = None  # services.ingest.server.StudyFeed
@@ -205,6 +116,7 @@ class Study:
 
     # Lifecycle -------------------------------------------------------------------
     def start(self) -> Study:
+        """Start the driver thread."""
         self.state = "starting"
         self.started_at = time.time()
         self._thread = threading.Thread(target=self._main, name=f"study-{self.id}", daemon=True)
@@ -296,6 +208,31 @@ class Study:
             if self.release_when_done:
                 self.release()  # the shard and control processes go; the final counts stay in the snapshot
             self._write_progress()
+            self.ids.close()
+            self._unlock_driver()
+
+    def _lock_driver(self) -> None:
+        """Hold the study's lock file while this process drives it (the kernel lets go when the process dies,
+        however it dies): a resume can tell a study whose driver is gone from one that is running."""
+        import fcntl
+
+        f = open(self.dir / LOCK_FILE, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            f.close()
+            raise StudyRunning(f"study {self.id!r} is running (its driver is process {pid})") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._lockfile = f
+
+    def _unlock_driver(self) -> None:
+        if self._lockfile is not None:
+            self._lockfile.close()  # closing the file lets go of the lock
+            self._lockfile = None
 
     def _start_ingest(self) -> None:
         from services.ingest.server import StudyFeed, serve
@@ -354,7 +291,8 @@ class Study:
             dataset=str(Path(self.config.dataset).resolve()) if self.config.dataset else None,
             record_keys=self.record_keys,
         )
-        storage = Path(tempfile.gettempdir()) / "surge-ray-train"
+        # Ray Train's own files live with the study's (a store every node of a cluster shares), not in /tmp.
+        storage = self.dir / "ray-train"
         # check_resources has made sure that the cluster has a GPU per worker when use_gpu is set.
         self.use_gpu = bool(t.use_gpu)
         return TorchTrainer(
@@ -740,6 +678,63 @@ def check_resources(cfg: StudyConfig, cluster: dict[str, float]) -> None:
         raise ResourcesError("the study needs " + "; and ".join(missing))
 
 
+CONFIG_FILE = "config.json"  # the study's validated config, as submitted
+LEDGER_FILE = "ledger.jsonl"  # the simulation ledger's journal (services.ledger)
+LOCK_FILE = "driver.lock"  # held by the process that drives the study
+
+
+def study_dir(store_root: str | Path, study_id: str) -> Path:
+    """Where a study keeps its durable state: config, ledger, training checkpoints, Ray Train's files."""
+    return Path(store_root) / PROGRESS_DIR / study_id
+
+
+class StudyExists(RuntimeError):
+    """A new study under the id of one that exists."""
+
+
+class StudyRunning(RuntimeError):
+    """A study that another driver (alive) is running."""
+
+
+class StudyNotResumable(RuntimeError):
+    """A study that cannot be resumed: finished, or its durable state unreadable."""
+
+
+def resumable(store_root: str | Path, study_id: str, ingest_token: str | None = None) -> Study | None:
+    """The study ``study_id`` of the store, ready to ``start()`` where its driver stopped; None if there is none.
+
+    Its config and ledger come from its directory; training goes on from the last checkpoint there.
+    Raises ``StudyNotResumable`` for a study that finished or whose state cannot be read.
+    """
+    cfg = resumable_config(store_root, study_id)
+    if cfg is None:
+        return None
+    try:
+        return Study(cfg, store_root, study_id=study_id, ingest_token=ingest_token, resume=True)
+    except LedgerError as e:
+        raise StudyNotResumable(str(e)) from None
+
+
+def resumable_config(store_root: str | Path, study_id: str) -> StudyConfig | None:
+    """The config of a study of the store that may be resumed; None if there is no such study."""
+    from services.config import ConfigError, parse_config
+
+    d = study_dir(store_root, study_id)
+    if "/" in study_id or study_id.startswith(".") or not (d / CONFIG_FILE).is_file():
+        return None
+    try:
+        cfg = parse_config(json.loads((d / CONFIG_FILE).read_text()), str(d / CONFIG_FILE))
+    except (OSError, ValueError, ConfigError) as e:
+        raise StudyNotResumable(f"cannot read the config of study {study_id!r}: {e}") from None
+    try:
+        last = json.loads((d.parent / f"{study_id}.json").read_text()).get("state")
+    except (OSError, ValueError):
+        last = None
+    if last == "finished":
+        raise StudyNotResumable(f"study {study_id!r} has finished: there is nothing to resume")
+    return cfg
+
+
 class StudyLimitError(RuntimeError):
     """Too many studies running already."""
 
@@ -758,6 +753,8 @@ class StudyBackend(Protocol):
     def statuses(self) -> list[dict[str, Any]]: ...
 
     def cancel(self, study_id: str) -> dict[str, Any] | None: ...
+
+    def resume(self, study_id: str) -> dict[str, Any] | None: ...
 
 
 class StudyManager:
@@ -779,6 +776,23 @@ class StudyManager:
             study.release_when_done = True
             self._studies[study.id] = study
         return study.start()
+
+    def resume(self, study_id: str) -> dict[str, Any] | None:
+        """Go on with a study of the store whose driver stopped (this process's, or one that died)."""
+        with self._lock:
+            old = self._studies.get(study_id)
+            if old is not None and old.running:
+                raise StudyRunning(f"study {study_id!r} is running")
+            running = sum(s.running for s in self._studies.values())
+            if running >= self.max_running:
+                raise StudyLimitError(f"{running} studies are running already (limit {self.max_running})")
+            # Raises StudyRunning while another process drives it.
+            study = resumable(self.store_root, study_id, ingest_token=self.ingest_token)
+            if study is None:
+                return None
+            study.release_when_done = True
+            self._studies[study_id] = study.start()
+        return study.snapshot()
 
     def get(self, study_id: str) -> Study | None:
         return self._studies.get(study_id)

@@ -197,13 +197,39 @@ def test_metrics_carry_the_vocabulary_with_values(trained) -> None:
     assert 0 <= values["surge_buffer_samples"] <= values["surge_buffer_capacity_samples"]
 
 
-def test_delete_stops_the_study_and_serving_goes_on(trained) -> None:
+def test_delete_publishes_a_last_version_and_resume_goes_on_from_it(trained) -> None:
     url, study_id = trained
-    r = httpx.delete(f"{url}/v1/studies/{study_id}", headers={"Authorization": f"Bearer {TOKEN}"})
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    before = httpx.get(f"{url}/v1/models/heat2d").json()["version"]
+    r = httpx.delete(f"{url}/v1/studies/{study_id}", headers=auth)
     assert r.status_code == 202
     deadline = time.time() + 60
     while time.time() < deadline and httpx.get(f"{url}/v1/studies/{study_id}").json()["state"] == "running":
         time.sleep(0.5)
-    assert httpx.get(f"{url}/v1/studies/{study_id}").json()["state"] == "stopped"
+    snap = httpx.get(f"{url}/v1/studies/{study_id}").json()
+    assert snap["state"] == "stopped"
+    stopped_at = snap["training"]["step"]
+    # The stop published a last version, trained to the step the study stopped at; serving goes on.
+    deadline = time.time() + 10  # the hub picks up new versions as it polls the store
+    while (card := httpx.get(f"{url}/v1/models/heat2d").json())["train_steps"] != stopped_at:
+        if time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert card["version"] > before and card["train_steps"] == stopped_at
     r = httpx.post(f"{url}/v1/models/heat2d/predict", json={"params": PARAMS, "times": [0.05]})
     assert r.status_code == 200
+    # Resume: training goes on from that last checkpoint; a study running is not resumed twice.
+    assert httpx.post(f"{url}/v1/studies/nope/resume", headers=auth).status_code == 404
+    r = httpx.post(f"{url}/v1/studies/{study_id}/resume", headers=auth)
+    assert r.status_code == 202, r.text
+    assert r.json()["state"] in ("starting", "running")
+    again = httpx.post(f"{url}/v1/studies/{study_id}/resume", headers=auth)
+    assert again.status_code == 409 and "running" in again.json()["detail"]
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        tr = httpx.get(f"{url}/v1/studies/{study_id}").json()["training"]
+        if tr["step"] > stopped_at + 10:
+            break
+        time.sleep(0.5)
+    assert tr["resumed_at"] == [stopped_at] and tr["step"] > stopped_at
+    assert httpx.delete(f"{url}/v1/studies/{study_id}", headers=auth).status_code == 202

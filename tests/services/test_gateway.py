@@ -567,6 +567,7 @@ def test_study_mutations_need_the_token_before_anything_else(client: TestClient)
         client.post("/v1/studies", json=STUDY, headers={"Authorization": "Bearer"}),
         client.delete("/v1/studies/xyz"),
         client.delete("/v1/studies/xyz", headers={"Authorization": "Bearer wrong"}),
+        client.post("/v1/studies/xyz/resume"),
     ):
         # 401, not 503: an unauthenticated caller learns nothing about the backend.
         assert assert_error(r, 401) == TOKEN_MISSING
@@ -578,6 +579,7 @@ def test_studies_answer_503_without_a_cluster(client: TestClient) -> None:
         client.post("/v1/studies", json=STUDY, headers=AUTH),
         client.post("/v1/studies", json=STUDY, headers={"Authorization": f"bearer {TOKEN}"}),
         client.delete("/v1/studies/xyz", headers=AUTH),
+        client.post("/v1/studies/xyz/resume", headers=AUTH),
         client.get("/v1/studies"),
         client.get("/v1/studies/xyz"),
     ):
@@ -590,6 +592,7 @@ def test_study_mutations_are_disabled_without_a_configured_token(store_root: Pat
             c.post("/v1/studies", json=STUDY),
             c.post("/v1/studies", json=STUDY, headers=AUTH),
             c.delete("/v1/studies/xyz", headers=AUTH),
+            c.post("/v1/studies/xyz/resume", headers=AUTH),
         ):
             assert assert_error(r, 403) == MUTATIONS_DISABLED
         assert c.get("/healthz").status_code == 200

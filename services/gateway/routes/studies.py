@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from services.config import ConfigError, parse_config, parse_yaml
 from services.gateway.deps import ManagerDep, SettingsDep, TokenDep, read_body
 from services.gateway.schemas import ErrorPublic, StudyList, StudyPublic
-from services.study import StudiesUnavailable, StudyLimitError
+from services.study import StudiesUnavailable, StudyLimitError, StudyNotResumable, StudyRunning
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
 
@@ -73,6 +73,19 @@ def get_study(study_id: str, manager: ManagerDep) -> StudyPublic:
 def stop_study(study_id: str, _: TokenDep, manager: ManagerDep) -> StudyPublic:
     """Stop a study: the trainer publishes a last checkpoint, then everything it started ends."""
     snap = _call(manager.cancel, study_id)
+    if snap is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, STUDY_NOT_FOUND.format(id=study_id))
+    return StudyPublic(**snap)
+
+
+@router.post("/{study_id}/resume", response_model=StudyPublic, status_code=status.HTTP_202_ACCEPTED, responses=_ERRORS)
+def resume_study(study_id: str, _: TokenDep, manager: ManagerDep) -> StudyPublic:
+    """Go on with a study whose driver stopped or died: no completed simulation runs again, training
+    continues from its last checkpoint, the buffer refills from fresh simulations."""
+    try:
+        snap = _call(manager.resume, study_id)
+    except (StudyRunning, StudyLimitError, StudyNotResumable) as e:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from None
     if snap is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, STUDY_NOT_FOUND.format(id=study_id))
     return StudyPublic(**snap)
