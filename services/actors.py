@@ -25,7 +25,12 @@ def _compact_refs(segments: Sequence[tuple[Any, np.ndarray]]) -> Any:
 
 # Separate concurrency groups: producers blocked by backpressure must never starve the
 # trainer's takes (that would deadlock the pipeline) nor the monitor's stats calls.
-@ray.remote(concurrency_groups={"put": 16, "get": 4, "ctl": 4})
+# max_restarts / max_task_retries: a shard whose process dies comes back empty in a new one, and
+# the calls that were out on it (producers' puts, the trainer's take) run again there, so that its
+# producers and its rank only wait (the rank's wait is data wait). The chunks it held are lost
+# (the stream refills it from fresh simulations); the driver re-applies close/abort to the new
+# process and carries its counts over (``incarnation`` tells it a restart happened).
+@ray.remote(concurrency_groups={"put": 16, "get": 4, "ctl": 4}, max_restarts=-1, max_task_retries=-1)
 class BufferShard:
     """The buffer of one trainer rank: object references and row indices, never the arrays."""
 
@@ -36,6 +41,7 @@ class BufferShard:
             policy, capacity, watermark, capacity_bytes=capacity_bytes, seed=seed, compact=_compact_refs
         )
         self._aborted = False
+        self._incarnation = os.urandom(8).hex()  # new in every process this shard is restarted in
 
     @ray.method(concurrency_group="put")
     def put(self, refs: list[ray.ObjectRef], keys: tuple[Any, ...] | None = None) -> tuple[int, int]:
@@ -79,7 +85,11 @@ class BufferShard:
 
     @ray.method(concurrency_group="ctl")
     def stats(self) -> dict[str, Any]:
-        return self._buf.stats()
+        return {**self._buf.stats(), "incarnation": self._incarnation, "aborted": self._aborted}
+
+    @ray.method(concurrency_group="ctl")
+    def pid(self) -> int:
+        return os.getpid()
 
     @ray.method(concurrency_group="ctl")
     def received_by_sim(self) -> dict[int, int]:

@@ -329,6 +329,49 @@ class ShardBatches:
             pass
 
 
+_CUMULATIVE = (
+    "received",
+    "duplicates",
+    "evicted",
+    "consumed",
+    "samples_seen_total",
+    "chunks_released",
+    "compactions",
+    "rows_compacted",
+    "compaction_errors",
+)
+
+
+class ShardCounts:
+    """Counts over every process a shard has lived in: a restarted shard starts from zero, and its
+    figures are added to what its earlier processes had counted (as last read)."""
+
+    def __init__(self) -> None:
+        self._incarnation: dict[int, str] = {}
+        self._last: dict[int, dict[str, Any]] = {}
+        self._base: dict[int, dict[str, int]] = {}
+        self.restarts = 0
+
+    def update(self, parts: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
+        """The shards' ``stats()`` with earlier lives' counts added, and the shards seen restarted since."""
+        restarted: list[int] = []
+        out = []
+        for r, p in enumerate(parts):
+            inc = p.get("incarnation")
+            was = self._incarnation.get(r)
+            if was is not None and inc != was:
+                restarted.append(r)
+                self.restarts += 1
+                base, last = self._base.setdefault(r, {}), self._last[r]
+                for k in _CUMULATIVE:
+                    base[k] = base.get(k, 0) + int(last.get(k, 0))
+            self._incarnation[r] = inc
+            base = self._base.get(r, {})
+            out.append({**p, **{k: int(p.get(k, 0)) + base.get(k, 0) for k in _CUMULATIVE}})
+            self._last[r] = p
+        return out, restarted
+
+
 def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """One buffer's figures from its shards' ``stats()``: counts summed, flags all-or-any."""
     if not parts:
@@ -366,6 +409,7 @@ def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
 __all__ = [
     "Batch",
     "ShardBatches",
+    "ShardCounts",
     "ShardRouter",
     "ShardsUnavailable",
     "chunk_keys",

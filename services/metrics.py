@@ -44,6 +44,8 @@ _COUNTERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("surge_samples_consumed", "Samples handed to the trainer", ("samples", "consumed")),
     ("surge_samples_duplicate", "Samples dropped as already received (re-run simulations)", ("samples", "duplicates")),
     ("surge_buffer_evictions", "Samples evicted or discarded by the buffer", ("buffer", "evicted")),
+    ("surge_buffer_shard_restarts", "Buffer shard processes that died and were restarted", ("buffer", "restarts")),
+    ("surge_trainer_restarts", "Trainer worker-group restarts from a checkpoint", ("training", "restarts")),
     ("surge_trainer_data_wait_seconds", "Time the trainer waited for data", ("training", "data_wait_s")),
     ("surge_trainer_compute_seconds", "Time the trainer spent in optimiser steps", ("training", "compute_s")),
     ("surge_train_steps", "Optimiser steps taken", ("training", "step")),

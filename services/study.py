@@ -24,7 +24,7 @@ import ray
 
 from services.actors import BufferShard, SolverActor, StudyControl
 from services.config import StudyConfig
-from services.dataplane import ShardRouter, forward_chunks, merge_stats
+from services.dataplane import ShardCounts, ShardRouter, forward_chunks, merge_stats
 from services.ledger import Assignment, LedgerError, SimulationIds
 from services.metrics import PROGRESS_DIR
 from services.sampling import Sampler
@@ -78,6 +78,8 @@ class Study:
         self._thread: threading.Thread | None = None
         self.control: ray.actor.ActorHandle | None = None
         self.shards: list[ray.actor.ActorHandle] = []
+        self._shard_counts = ShardCounts()
+        self._buffer_state = "open"  # then "closed" or "aborted": re-applied to a shard that restarts
         self.rank_states: dict[int, dict[str, Any]] = {}
         self.record_keys = False  # ranks report the keys they trained on (tests)
         self.actors: list[ray.actor.ActorHandle] = []
@@ -443,9 +445,14 @@ class Study:
         if self.control is not None:
             try:
                 parts = ray.get([s.stats.remote() for s in self.shards], timeout=5)
+                parts, restarted = self._shard_counts.update(parts)
                 st = {**merge_stats(parts), "training": ray.get(self.control.training.remote(), timeout=5)}
             except Exception:
-                st = None
+                st, restarted = None, []
+            for r in restarted:
+                log.warning("study %s: buffer shard %d was restarted (the samples it held are lost)", self.id, r)
+                if self._buffer_state != "open":  # the new process must end its stream as the old one would have
+                    getattr(self.shards[r], "close" if self._buffer_state == "closed" else "abort").remote()
             if st is not None:
                 now = time.time()
                 prev = self._buffer_stats
@@ -551,6 +558,10 @@ class Study:
 
     def _shards_call(self, method: str, timeout: float = 10.0) -> None:
         """Call ``method`` on every shard and wait for it (bounded): after ``drop`` returns, no chunk is held."""
+        if method == "close" and self._buffer_state == "open":
+            self._buffer_state = "closed"
+        elif method in ("abort", "drop"):
+            self._buffer_state = "aborted"
         pending = []
         for s in self.shards:
             try:
@@ -617,6 +628,7 @@ class Study:
                 "capacity": st.get("capacity", self.config.buffer.capacity),
                 "watermark_reached": st.get("watermark_reached", False),
                 "evicted": st.get("evicted", 0),
+                "restarts": self._shard_counts.restarts,  # shard processes that died and came back empty
             },
             "training": {
                 "step": tr.get("step", 0),
@@ -864,6 +876,7 @@ def pending_snapshot(study_id: str, config: StudyConfig, state: str, error: str 
             "capacity": config.buffer.capacity,
             "watermark_reached": False,
             "evicted": 0,
+            "restarts": 0,
         },
         "training": {
             "step": 0,
