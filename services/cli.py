@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import sys
 import threading
@@ -125,6 +126,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
     threading.Thread(target=server.run, name="gateway", daemon=True).start()
     study = manager.start(cfg)
+
+    def terminate(*_: Any) -> None:  # `docker stop`, a pod's end: as Ctrl-C, the study publishes a last version
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
     console.print(f"gateway on http://{args.host}:{args.port}  (API token for /v1/studies: {token})")
     if grpc_server is not None:
         console.print(f"gRPC predictions on {grpc_server.address}")
@@ -148,7 +154,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.print("stopping…")
         return 0
     finally:
-        manager.stop_all(timeout=30)
+        manager.stop_all(timeout=cfg.training.stop_grace_s + 30)
         server.should_exit = True
         if grpc_server is not None:
             from services.ingest.server import release
@@ -227,8 +233,6 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _follow(study: Any) -> int:
-    import signal
-
     from rich.console import Console
 
     # A Ray job being stopped gets SIGTERM: stop the study so that it publishes a last checkpoint.

@@ -139,6 +139,9 @@ class TrainingConfig(_Strict):
         2, ge=0, description="trainer worker failures survived; each restarts every rank from the last checkpoint"
     )
     checkpoints_kept: int = Field(2, ge=1, description="training checkpoints kept for resuming (one per validation)")
+    stop_grace_s: float = Field(
+        60.0, gt=0, le=3600, description="a stop (DELETE, SIGTERM) waits this long for the last checkpoint"
+    )
     threads: int | None = Field(None, ge=1, description="torch threads per worker (default: Ray's CPU share)")
 
     @field_validator("model")
@@ -193,6 +196,12 @@ class StudyConfig(_Strict):
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    resources_timeout_s: float = Field(
+        0.0,
+        ge=0,
+        le=86_400,
+        description="with an autoscaler: wait this long for the CPUs/GPUs the study needs (0: fail at once)",
+    )
 
     dataset: str | None = Field(
         None, description="offline: a zarr dataset (surge dataset build) the trainer cycles over instead of a stream"

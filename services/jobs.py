@@ -22,6 +22,7 @@ from services.study import StudiesUnavailable, pending_snapshot
 
 CONFIG_ENV = "SURGE_STUDY_CONFIG"
 SUBMIT_PATIENCE_S = 60.0
+RESUME_PATIENCE_S = 30.0  # for the job of a driver that has reported its end to exit
 _JOB_STATES = {
     "PENDING": "starting",
     "RUNNING": "running",
@@ -29,6 +30,10 @@ _JOB_STATES = {
     "STOPPED": "stopped",
     "FAILED": "failed",
 }
+
+
+def _job_state(job: Any) -> str:
+    return str(job.status).rsplit(".", 1)[-1]
 
 
 class RayJobStudies:
@@ -61,6 +66,9 @@ class RayJobStudies:
         # The study's gRPC ingest (external solvers) checks the same bearer token as this gateway.
         if token := os.environ.get("SURGE_API_TOKEN"):
             env["SURGE_API_TOKEN"] = token
+        # Ray's job runner sends SIGTERM on stop, then SIGKILL after this many seconds (3 by default): the
+        # driver gets the study's grace period to publish its last checkpoint, and some to tear down.
+        env["RAY_JOB_STOP_WAIT_TIME_S"] = str(int(config.training.stop_grace_s) + 30)
         meta = {"surge_study": config.name, "surge_config": config.model_dump_json(), "surge_study_id": study_id}
         deadline = time.monotonic() + SUBMIT_PATIENCE_S
         while True:
@@ -88,7 +96,7 @@ class RayJobStudies:
         if "surge_config" not in meta:
             return None  # not a study
         study_id = meta.get("surge_study_id", job.submission_id)  # a resume runs as a job of its own
-        state = _JOB_STATES.get(str(job.status).rsplit(".", 1)[-1], "running")
+        state = _JOB_STATES.get(_job_state(job), "running")
         snap = self._snapshot_file(study_id)
         if snap is None:
             error = job.message if state == "failed" else None
@@ -135,8 +143,14 @@ class RayJobStudies:
         job = self._latest_jobs().get(study_id)
         if job is None:
             return None
-        if str(job.status).rsplit(".", 1)[-1] in ("PENDING", "RUNNING"):
-            raise StudyRunning(f"study {study_id!r} is running (Ray job {job.submission_id})")
+        # A driver that has reported its end (stopped, failed) is tearing down: give its job a moment to end.
+        deadline = time.monotonic() + RESUME_PATIENCE_S
+        while _job_state(job) in ("PENDING", "RUNNING"):
+            snap = self._snapshot_file(study_id) or {}
+            if snap.get("state") in ("starting", "running") or time.monotonic() > deadline:
+                raise StudyRunning(f"study {study_id!r} is running (Ray job {job.submission_id})")
+            time.sleep(1.0)
+            job = self._latest_jobs().get(study_id, job)
         # Checked here (the store is shared with the cluster) so that the caller hears at once.
         config = resumable_config(self.store, study_id)
         if config is None:

@@ -60,6 +60,7 @@ class Study:
         self.started_at: float | None = None
         self.ended_at: float | None = None
         self._stop = threading.Event()
+        self._stop_at = 0.0  # when stop() was first called (monotonic): the grace period runs from there
         self._lock = threading.Lock()
         # failed: given up (every attempt failed, or a non-finite output); retried: attempts handed out again.
         self._sims = {"dispatched": 0, "done": 0, "failed": 0, "cancelled": 0, "retried": 0}
@@ -127,6 +128,8 @@ class Study:
 
     def stop(self) -> None:
         """Ask the study to end: solvers stop, the trainer validates and publishes once more, then ends."""
+        if not self._stop.is_set():
+            self._stop_at = time.monotonic()
         self._stop.set()
         self._shards_call("abort")
 
@@ -146,7 +149,7 @@ class Study:
         trainer_thread: threading.Thread | None = None
         train_error: list[BaseException] = []
         try:
-            check_resources(cfg, ray.cluster_resources())
+            wait_for_resources(cfg, self._stop)
             if cfg.training.validation_dataset:
                 x_val, y_val = Dataset(cfg.training.validation_dataset).arrays()
             else:
@@ -193,6 +196,14 @@ class Study:
                 trainer_thread.join(0.5)
                 if self._stop.is_set():
                     self._shards_call("abort")
+                    if time.monotonic() - self._stop_at > cfg.training.stop_grace_s:
+                        # Teardown kills the trainer: the last version is the last one published.
+                        log.warning(
+                            "study %s: no last checkpoint within training.stop_grace_s = %g s",
+                            self.id,
+                            cfg.training.stop_grace_s,
+                        )
+                        break
             self._poll()
             if train_error:
                 raise train_error[0]
@@ -745,6 +756,24 @@ def resumable_config(store_root: str | Path, study_id: str) -> StudyConfig | Non
     if last == "finished":
         raise StudyNotResumable(f"study {study_id!r} has finished: there is nothing to resume")
     return cfg
+
+
+def wait_for_resources(cfg: StudyConfig, stop: threading.Event, poll_s: float = 2.0) -> None:
+    """``check_resources`` against the cluster, at once or, with ``resources_timeout_s`` (an autoscaler
+    adds nodes on demand), again until the cluster has grown enough or the time is up."""
+    deadline = time.monotonic() + cfg.resources_timeout_s
+    while True:
+        try:
+            check_resources(cfg, ray.cluster_resources())
+            return
+        except ResourcesError as e:
+            if cfg.resources_timeout_s <= 0:
+                raise
+            if time.monotonic() >= deadline or stop.is_set():
+                waited = f"after waiting resources_timeout_s = {cfg.resources_timeout_s:g} s"
+                raise ResourcesError(f"{e} ({waited})") from None
+            log.info("waiting for the cluster to grow: %s", e)
+            stop.wait(poll_s)
 
 
 class StudyLimitError(RuntimeError):

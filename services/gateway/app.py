@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -16,6 +17,8 @@ from services.gateway.settings import GatewaySettings
 from services.metrics import StudyCollector
 from services.study import StudyBackend
 
+STUDIES_STOP_WAIT_S = 90.0  # at shutdown, for studies run in this process to publish their last checkpoint
+
 
 def create_app(settings: GatewaySettings | None = None, manager: StudyBackend | None = None) -> FastAPI:
     """Build the gateway. ``manager`` runs studies (in this process, or as Ray jobs on a cluster);
@@ -28,6 +31,10 @@ def create_app(settings: GatewaySettings | None = None, manager: StudyBackend | 
         try:
             yield
         finally:
+            # Studies run in this process (embedded) stop as a DELETE would: each publishes a last checkpoint.
+            stop_all = getattr(app.state.manager, "stop_all", None)
+            if stop_all is not None:
+                await asyncio.to_thread(stop_all, STUDIES_STOP_WAIT_S)
             app.state.hub.stop()
 
     app = FastAPI(title="Surge", version="0.1.0", lifespan=lifespan)

@@ -42,3 +42,31 @@ def test_what_fits_passes_the_check() -> None:
     # An offline study runs no solver actors (checked on the validated config, before the dataset is read).
     offline = parse_config({**BASE, "solvers": {"actors": 8}}).model_copy(update={"dataset": "d.zarr"})
     check_resources(offline, {"CPU": 1.0})
+
+
+def test_with_an_autoscaler_the_study_waits_a_bounded_time_for_resources(tmp_path) -> None:
+    cfg = {**BASE, "training": {"workers": 8, "use_gpu": True}, "resources_timeout_s": 3}
+    study = Study(parse_config(cfg), tmp_path).start()
+    assert study.join(60), "the study hung instead of failing"
+    snap = study.snapshot()
+    assert snap["state"] == "failed", snap
+    assert "8 GPUs" in snap["error"] and "after waiting resources_timeout_s = 3 s" in snap["error"]
+    study.release()
+
+
+def test_the_wait_ends_as_soon_as_the_cluster_has_grown(monkeypatch) -> None:
+    import threading
+
+    import services.study as study_mod
+
+    sizes = iter([{"CPU": 4.0}, {"CPU": 4.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 2.0}])
+    seen = []
+
+    def grow() -> dict[str, float]:
+        seen.append(1)
+        return next(sizes)
+
+    monkeypatch.setattr(study_mod.ray, "cluster_resources", grow)
+    cfg = parse_config({**BASE, "training": {"workers": 2, "use_gpu": True}, "resources_timeout_s": 60})
+    study_mod.wait_for_resources(cfg, threading.Event(), poll_s=0.01)
+    assert len(seen) == 3  # two refusals, then the cluster fits

@@ -291,14 +291,43 @@ def test_every_dashboard_metric_has_series(cluster, study) -> None:
     assert not gaps, f"dashboard metrics without series: {gaps}"
 
 
-def test_deleting_the_study_stops_its_ray_job(cluster, study) -> None:
-    gw = cluster["gateway"]
-    r = httpx.delete(f"{gw}/v1/studies/{study['id']}", headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=60)
+def test_deleting_the_study_publishes_a_last_version_and_resume_runs_a_new_job(cluster, study) -> None:
+    gw, procs = cluster["gateway"], cluster["procs"]
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+    sid = study["id"]
+    r = httpx.delete(f"{gw}/v1/studies/{sid}", headers=auth, timeout=60)
     assert r.status_code == 202, r.text
 
     def ended():
-        snap = httpx.get(f"{gw}/v1/studies/{study['id']}", timeout=60).json()
+        snap = httpx.get(f"{gw}/v1/studies/{sid}", timeout=60).json()
         return snap if snap["state"] in ("stopped", "finished", "failed") else None
 
-    snap = _wait("the study to stop", ended, 60, cluster["procs"], "gateway")
+    snap = _wait("the study to stop", ended, 90, procs, "gateway")
     assert snap["state"] == "stopped", snap
+    # The job's driver had the grace period (not Ray's 3 s) to publish a last version, at its last step.
+    stopped_at = snap["training"]["step"]
+    card = _wait(
+        "the last version to be served",
+        lambda: (c := httpx.get(f"{gw}/v1/models/heat2d").json())["train_steps"] == stopped_at and c,
+        30,
+        procs,
+        "gateway",
+    )
+    assert card["study_id"] == sid and card["version"] == snap["training"]["version"]
+    # Resume: a new Ray job goes on with the same study, from that checkpoint.
+    r = httpx.post(f"{gw}/v1/studies/{sid}/resume", headers=auth, timeout=120)
+    assert r.status_code == 202, r.text
+
+    def resumed():
+        s = httpx.get(f"{gw}/v1/studies/{sid}", timeout=60).json()
+        assert s["state"] in ("starting", "running", "stopped"), s
+        tr = s["training"]
+        return s if s["state"] == "running" and tr["resumed_at"] and tr["step"] > stopped_at else None
+
+    again = _wait("the resumed study to train on", resumed, 180, procs, "gateway")
+    assert again["training"]["resumed_at"] == [stopped_at]
+    assert [s["id"] for s in httpx.get(f"{gw}/v1/studies").json()["studies"]].count(sid) == 1
+    r = httpx.post(f"{gw}/v1/studies/{sid}/resume", headers=auth, timeout=60)
+    assert r.status_code == 409, r.text
+    assert httpx.delete(f"{gw}/v1/studies/{sid}", headers=auth, timeout=60).status_code == 202
+    assert _wait("the resumed study to stop", ended, 90, procs, "gateway")["state"] == "stopped"
