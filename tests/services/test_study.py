@@ -189,7 +189,8 @@ def test_online_and_offline_studies_share_one_code_path(tmp_path) -> None:
         assert snap["state"] == "finished", snap["error"]
         assert snap["training"]["step"] == 120
         assert len(snap["training"]["history"]) == 3
-        assert snap["training"]["validation_error"] < snap["training"]["history"][0][1] * 1.5
+        # Both learn: the error falls from the first validation (step 40) to the last (measured: x0.63, x0.71).
+        assert snap["training"]["validation_error"] < snap["training"]["history"][0][1] * 0.85
     assert snaps[1]["simulations"]["done"] == 0  # offline: no solver ran
     assert snaps[0]["simulations"]["done"] > 12
     for store in ("on", "off"):
