@@ -18,7 +18,8 @@ from typing import Any
 
 from services.config import StudyConfig, parse_config
 from services.metrics import PROGRESS_DIR
-from services.study import StudiesUnavailable, pending_snapshot
+from services.snapshot import StudySnapshot, StudyState
+from services.study import StudiesUnavailable
 
 CONFIG_ENV = "SURGE_STUDY_CONFIG"
 SUBMIT_PATIENCE_S = 60.0
@@ -58,7 +59,7 @@ class RayJobStudies:
             f"--store {shlex.quote(str(self.store))}"
         )
         self._submit(entrypoint, study_id, config, study_id)
-        return pending_snapshot(study_id, config, "starting")
+        return StudySnapshot.pending(study_id, config, StudyState.STARTING).to_dict()
 
     def _submit(self, entrypoint: str, job_id: str, config: StudyConfig, study_id: str) -> None:
         client = self._client()
@@ -87,8 +88,8 @@ class RayJobStudies:
     def _snapshot_file(self, study_id: str) -> dict[str, Any] | None:
         f = self.store / PROGRESS_DIR / f"{study_id}.json"
         try:
-            return json.loads(f.read_text())
-        except (OSError, ValueError):
+            return StudySnapshot.model_validate_json(f.read_text()).to_dict()
+        except (OSError, ValueError):  # not written yet, half-written, or not a snapshot
             return None
 
     def _merge(self, job: Any) -> dict[str, Any] | None:
@@ -100,7 +101,8 @@ class RayJobStudies:
         snap = self._snapshot_file(study_id)
         if snap is None:
             error = job.message if state == "failed" else None
-            return pending_snapshot(study_id, parse_config(json.loads(meta["surge_config"])), state, error)
+            config = parse_config(json.loads(meta["surge_config"]))
+            return StudySnapshot.pending(study_id, config, state, error).to_dict()
         # The job's status wins when the driver could not report its own end (killed, crashed).
         if state in ("failed", "stopped") and snap.get("state") in ("starting", "running"):
             snap = {**snap, "state": state, "error": snap.get("error") or job.message}
@@ -157,4 +159,4 @@ class RayJobStudies:
             raise StudyNotResumable(f"study {study_id!r} has no state in {self.store} to resume from")
         entrypoint = f"surge resume {shlex.quote(study_id)} --store {shlex.quote(str(self.store))}"
         self._submit(entrypoint, f"{study_id}-resume-{uuid.uuid4().hex[:6]}", config, study_id)
-        return pending_snapshot(study_id, config, "starting")
+        return StudySnapshot.pending(study_id, config, StudyState.STARTING).to_dict()

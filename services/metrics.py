@@ -8,7 +8,6 @@ anywhere in the cluster — so the gateway exports the same series in both cases
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from services.snapshot import StudySnapshot
 
 # `*_created` series double every counter and no dashboard uses them.
 disable_created_metrics()
@@ -73,8 +74,8 @@ def read_snapshots(store: Path, limit: int = MAX_STUDIES) -> list[dict[str, Any]
     out = []
     for f in files[:limit]:
         try:
-            out.append(json.loads(f.read_text()))
-        except (OSError, ValueError):
+            out.append(StudySnapshot.model_validate_json(f.read_text()).to_dict())
+        except (OSError, ValueError):  # half-written, or not a snapshot
             continue
     return out
 

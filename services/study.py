@@ -1,21 +1,23 @@
 """Study orchestration on Ray: solver actors -> one buffer shard per trainer rank -> Ray Train, from one thread.
 
-The driver assigns simulations by id (parameters and seed fixed per id), keeps every
-solver actor busy with a bounded number of calls in flight, closes the buffer when the
-simulation budget is spent, and stops the solvers when training is done. With an ``ingest``
-section, external solvers feed the same buffer over gRPC (``services.ingest``), taking their
-simulations from the same id sequence (``SimulationIds``).
+A ``Study`` owns the lifecycle: it acquires the study's resources (control actor, ingest server,
+solver actors, the Ray Train run, buffer shards), registering each one's teardown as it goes,
+and reports a ``StudySnapshot`` (``services.snapshot``). Simulations are handed out by the
+``Dispatcher`` (``services.dispatch``) from the study's ledger (``services.ledger``), which
+journals every hand-out and outcome in the study's directory so that ``resumable`` can go on
+with a study whose driver died. With an ``ingest`` section, external solvers feed the same
+buffer over gRPC (``services.ingest``), taking their simulations from the same ledger.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,20 +26,27 @@ import ray
 
 from services.actors import BufferShard, SolverActor, StudyControl
 from services.config import StudyConfig
-from services.dataplane import ShardCounts, ShardRouter, forward_chunks, merge_stats
-from services.ledger import Assignment, LedgerError, SimulationIds
+from services.dataplane import ShardCounts, ShardRouter, merge_stats
+from services.dispatch import Dispatcher
+from services.ledger import LedgerError, SimulationIds
 from services.metrics import PROGRESS_DIR
 from services.sampling import Sampler
+from services.snapshot import (
+    BufferFigures,
+    Nodes,
+    SampleCounts,
+    SimulationCounts,
+    StudySnapshot,
+    StudyState,
+    TrainingFigures,
+)
 from services.training import WorkerInputs, train_worker, validation_set
-from trainer.buffer import BufferClosed
 from trainer.dataset import Dataset
 from trainer.problem import ProblemSpec
 
 log = logging.getLogger("surge.study")
 
-_CALLS_IN_FLIGHT = 2  # per solver actor: one running, one queued, so an actor never idles between calls
 _RANKS_WAIT_S = 600.0  # the trainer workers must all have started by then
-_FAILURES_JUDGED_AFTER = 20  # simulations ended before solvers.max_failure_fraction is applied
 
 
 class Study:
@@ -55,20 +64,13 @@ class Study:
         self.id = study_id or f"{config.name}-{uuid.uuid4().hex[:8]}"
         self.store_root = str(Path(store_root).resolve())
         self.spec: ProblemSpec = config.problem.spec()
-        self.state = "created"
+        self.state = StudyState.CREATED
         self.error: str | None = None
         self.started_at: float | None = None
         self.ended_at: float | None = None
         self._stop = threading.Event()
         self._stop_at = 0.0  # when stop() was first called (monotonic): the grace period runs from there
         self._lock = threading.Lock()
-        # failed: given up (every attempt failed, or a non-finite output); retried: attempts handed out again.
-        self._sims = {"dispatched": 0, "done": 0, "failed": 0, "cancelled": 0, "retried": 0}
-        self._last_failure: str | None = None
-        self._produced = 0  # samples offered to the buffer by the solver actors (as their calls end)
-        self._produced_external = 0  # ... and by external clients over gRPC
-        self._external = {"done": 0, "failed": 0}
-        self._solve_s = 0.0
         self._buffer_stats: dict[str, Any] = {}
         self._nodes: set[str] = set()
         self.progress_path = Path(self.store_root) / PROGRESS_DIR / f"{self.id}.json"
@@ -83,8 +85,6 @@ class Study:
         self._buffer_state = "open"  # then "closed" or "aborted": re-applied to a shard that restarts
         self.rank_states: dict[int, dict[str, Any]] = {}
         self.record_keys = False  # ranks report the keys they trained on (tests)
-        self.actors: list[ray.actor.ActorHandle] = []
-        self.done_ids: list[int] = []
         self.use_gpu = False
         self.dir = study_dir(self.store_root, self.id)
         self.resumed = resume
@@ -100,10 +100,6 @@ class Study:
             except BaseException:
                 self._unlock_driver()
                 raise
-            for k in ("done", "failed", "cancelled", "retried"):
-                self._sims[k] = self.ids.counts[k]
-            self._sims["dispatched"] = self.ids.handed_out
-            self.done_ids = list(self.ids.done)
         else:
             if (self.dir / LEDGER_FILE).exists():
                 raise StudyExists(f"study {self.id!r} exists in {self.store_root}: resume it, or start a new one")
@@ -111,6 +107,8 @@ class Study:
             (self.dir / CONFIG_FILE).write_text(config.model_dump_json(indent=1))
             self._lock_driver()
             self.ids = SimulationIds(*ledger_args, journal=self.dir / LEDGER_FILE)
+        abort = lambda: self._shards_call("abort")  # noqa: E731
+        self.dispatch = Dispatcher(self.id, config, self.ids, self._stop, self._fail, abort)
         # The gRPC ingest of external solvers (when config.ingest.enabled): same token as the gateway.
         self._ingest_token = ingest_token if ingest_token is not None else os.environ.get("SURGE_API_TOKEN")
         self.feed: Any = None  # services.ingest.server.StudyFeed
@@ -120,7 +118,7 @@ class Study:
     # Lifecycle -------------------------------------------------------------------
     def start(self) -> Study:
         """Start the driver thread."""
-        self.state = "starting"
+        self.state = StudyState.STARTING
         self.started_at = time.time()
         self._thread = threading.Thread(target=self._main, name=f"study-{self.id}", daemon=True)
         self._thread.start()
@@ -140,89 +138,137 @@ class Study:
         return True
 
     @property
+    def actors(self) -> list[ray.actor.ActorHandle]:
+        return self.dispatch.actors
+
+    @property
+    def done_ids(self) -> list[int]:
+        """Simulations completed, in order (over every life of the study, when resumed)."""
+        return self.dispatch.done_ids
+
+    @property
     def running(self) -> bool:
-        return self.state in ("starting", "running")
+        return self.state.active
 
     # Driver ------------------------------------------------------------------------
     def _main(self) -> None:
         cfg = self.config
-        trainer_thread: threading.Thread | None = None
         train_error: list[BaseException] = []
-        try:
-            wait_for_resources(cfg, self._stop)
-            if cfg.training.validation_dataset:
-                x_val, y_val = Dataset(cfg.training.validation_dataset).arrays()
-            else:
-                x_val, y_val = validation_set(
-                    self.spec, cfg.training.validation_simulations, cfg.training.validation_seed
-                )
-            self.control = StudyControl.remote()
-            if cfg.ingest.enabled:
-                self._start_ingest()
-            problem = self.spec.to_dict()
-            # Offline (a dataset): no solvers and no shards; the trainer reads the store.
-            n_actors = 0 if cfg.dataset else cfg.solvers.actors
-            self.actors = [
-                SolverActor.options(num_cpus=cfg.solvers.num_cpus).remote(
-                    problem, cfg.solvers.chunk_steps, cfg.training.workers, cfg.solvers.sims_per_call
-                )
-                for _ in range(n_actors)
-            ]
-            trainer = self._make_trainer(ray.put((x_val, y_val)))
+        # Each resource registers its own teardown as it is acquired; they run in reverse, whatever happens.
+        with contextlib.ExitStack() as teardown:
+            teardown.callback(self._end)
+            try:
+                wait_for_resources(cfg, self._stop)
+                if cfg.training.validation_dataset:
+                    x_val, y_val = Dataset(cfg.training.validation_dataset).arrays()
+                else:
+                    x_val, y_val = validation_set(
+                        self.spec, cfg.training.validation_simulations, cfg.training.validation_seed
+                    )
+                self.control = StudyControl.remote()
+                teardown.callback(self._collect_ranks)  # after the trainer has ended (it reports at its end)
+                if cfg.ingest.enabled:
+                    self._start_ingest()
+                    teardown.callback(self._stop_ingest)
+                problem = self.spec.to_dict()
+                # Offline (a dataset): no solvers and no shards; the trainer reads the store.
+                n_actors = 0 if cfg.dataset else cfg.solvers.actors
+                self.dispatch.actors = [
+                    SolverActor.options(num_cpus=cfg.solvers.num_cpus).remote(
+                        problem, cfg.solvers.chunk_steps, cfg.training.workers, cfg.solvers.sims_per_call
+                    )
+                    for _ in range(n_actors)
+                ]
+                teardown.callback(self._kill_solvers)
+                trainer = self._make_trainer(ray.put((x_val, y_val)))
 
-            def fit() -> None:
-                try:
-                    trainer.fit()
-                except BaseException as e:
-                    train_error.append(e)
+                def fit() -> None:
+                    try:
+                        trainer.fit()
+                    except BaseException as e:
+                        train_error.append(e)
 
-            trainer_thread = threading.Thread(target=fit, name=f"train-{self.id}", daemon=True)
-            trainer_thread.start()
-            if not cfg.dataset:
-                self._make_shards(trainer_thread)
-            self.state = "running"
-            monitor = threading.Thread(target=self._monitor, name=f"monitor-{self.id}", daemon=True)
-            monitor.start()
-            if cfg.dataset:
-                while trainer_thread.is_alive() and not self._stop.wait(0.5):
-                    pass
-            else:
-                self._dispatch(lambda: trainer_thread.is_alive())
-            # Simulations exhausted (or stop asked): let the trainer drain the buffer and finish.
-            if self.feed is not None:
-                self.feed.close("the study needs no more simulations")
-            self._shards_call("close")
-            while trainer_thread.is_alive():
-                trainer_thread.join(0.5)
-                if self._stop.is_set():
-                    self._shards_call("abort")
-                    if time.monotonic() - self._stop_at > cfg.training.stop_grace_s:
-                        # Teardown kills the trainer: the last version is the last one published.
-                        log.warning(
-                            "study %s: no last checkpoint within training.stop_grace_s = %g s",
-                            self.id,
-                            cfg.training.stop_grace_s,
-                        )
-                        break
-            self._poll()
-            if train_error:
-                raise train_error[0]
-            if self.error is not None:  # stopped by a limit (too many failed simulations): say so
-                self.state = "failed"
-            else:
-                self.state = "stopped" if self._stop.is_set() else "finished"
-        except BaseException as e:
-            log.exception("study %s failed", self.id)
-            self.error = self.error or f"{type(e).__name__}: {e}"
-            self.state = "failed"
-        finally:
-            self._teardown(trainer_thread)
-            self.ended_at = time.time()
-            if self.release_when_done:
-                self.release()  # the shard and control processes go; the final counts stay in the snapshot
-            self._write_progress()
-            self.ids.close()
-            self._unlock_driver()
+                trainer_thread = threading.Thread(target=fit, name=f"train-{self.id}", daemon=True)
+                trainer_thread.start()
+                teardown.callback(self._end_trainer, trainer_thread)
+                if not cfg.dataset:
+                    self._make_shards(trainer_thread)
+                    # The shards let go of their chunks (nothing may keep objects alive after a study); the
+                    # shard actors stay until release(), so that their counts can be read.
+                    teardown.callback(self._shards_call, "drop")
+                self.state = StudyState.RUNNING
+                threading.Thread(target=self._monitor, name=f"monitor-{self.id}", daemon=True).start()
+                if cfg.dataset:
+                    while trainer_thread.is_alive() and not self._stop.wait(0.5):
+                        pass
+                else:
+                    self.dispatch.run(lambda: trainer_thread.is_alive())
+                # Simulations exhausted (or stop asked): let the trainer drain the buffer and finish.
+                if self.feed is not None:
+                    self.feed.close("the study needs no more simulations")
+                self._shards_call("close")
+                self._await_trainer(trainer_thread)
+                self._poll()
+                if train_error:
+                    raise train_error[0]
+                if self.error is not None:  # stopped by a limit (too many failed simulations): say so
+                    self.state = StudyState.FAILED
+                else:
+                    self.state = StudyState.STOPPED if self._stop.is_set() else StudyState.FINISHED
+            except BaseException as e:
+                log.exception("study %s failed", self.id)
+                self.error = self.error or f"{type(e).__name__}: {e}"
+                self.state = StudyState.FAILED
+
+    def _await_trainer(self, trainer_thread: threading.Thread) -> None:
+        """Until the trainer ends; once a stop is asked, for ``training.stop_grace_s`` at most."""
+        grace = self.config.training.stop_grace_s
+        while trainer_thread.is_alive():
+            trainer_thread.join(0.5)
+            if self._stop.is_set():
+                self._shards_call("abort")
+                if time.monotonic() - self._stop_at > grace:
+                    # Teardown kills the trainer: the last version is the last one published.
+                    log.warning("study %s: no last checkpoint within training.stop_grace_s = %g s", self.id, grace)
+                    return
+
+    # Teardown, one step per resource (registered as each is acquired) ----------------------
+    def _end_trainer(self, trainer_thread: threading.Thread) -> None:
+        self._shards_call("abort")
+        trainer_thread.join(60)
+
+    def _kill_solvers(self) -> None:
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # gone already
+                pass
+
+    def _stop_ingest(self) -> None:
+        if self.feed is not None:
+            self.feed.close(f"study {self.id} has ended")
+        if self._grpc is not None:
+            from services.ingest.server import release
+
+            self._grpc.detach(self.feed)
+            release(self._grpc)
+            self._grpc = None
+
+    def _collect_ranks(self) -> None:
+        if self.control is not None:
+            try:
+                self.rank_states = ray.get(self.control.ranks.remote(), timeout=30)
+            except Exception:  # the control actor died with the cluster: nothing to read
+                pass
+
+    def _end(self) -> None:
+        """Last: the final snapshot is written, and the study's lock and ledger let go."""
+        self.ended_at = time.time()
+        if self.release_when_done:
+            self.release()  # the shard and control processes go; the final counts stay in the snapshot
+        self._write_progress()
+        self.ids.close()
+        self._unlock_driver()
 
     def _lock_driver(self) -> None:
         """Hold the study's lock file while this process drives it (the kernel lets go when the process dies,
@@ -259,34 +305,14 @@ class Study:
         sink = ShardRouter(
             None, group=self.config.solvers.sims_per_call, control=self.control, block=self.config.solvers.chunk_steps
         )
-        self.feed = StudyFeed(self.id, self.spec, sink, self.ids, ing, self._external_event)
+        self.feed = StudyFeed(self.id, self.spec, sink, self.ids, ing, self.dispatch.external_event)
+        self.dispatch.external_capped = lambda: self.feed is not None and self.feed.cap_reached
         self._grpc = serve(
             ing.host, ing.port, token=self._ingest_token, max_message_bytes=int(ing.max_message_mb * 2**20)
         )
         self._grpc.attach(self.feed)
         self.ingest_address = self._grpc.address
         log.info("study %s: external solvers stream in over gRPC at %s", self.id, self.ingest_address)
-
-    def _external_event(self, kind: str, sim_id: int, produced: int = 0) -> None:
-        """Called by the ingest server: a simulation handed out to, or settled by, an external client."""
-        with self._lock:
-            self._produced_external += produced
-            if kind == "assigned":
-                self._sims["dispatched"] += 1
-                return
-            self._sims[kind] += 1
-            if kind in self._external:
-                self._external[kind] += 1
-            if kind == "done":
-                self.done_ids.append(sim_id)
-
-    def _feeding_done(self) -> bool:
-        """No simulation out, and none left to hand out (or the external clients have all they may run)."""
-        if self.ids.outstanding():
-            return False
-        if self.ids.exhausted:
-            return True
-        return not self.actors and self.feed is not None and self.feed.cap_reached
 
     def _make_trainer(self, validation_ref: ray.ObjectRef) -> Any:
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -322,120 +348,6 @@ class Study:
                 failure_config=FailureConfig(max_failures=t.max_failures),
             ),
         )
-
-    def _dispatch(self, trainer_alive: Callable[[], bool]) -> None:
-        """Keep every solver actor busy with ``_CALLS_IN_FLIGHT`` calls, each forwarded by a thread of its own."""
-        cfg = self.config
-        done = threading.Condition()
-        finished: list[int] = []  # actor indices whose call has ended
-        running: list[threading.Thread] = []
-        load = [0] * len(self.actors)
-
-        def forward(a: int, got: Any) -> None:
-            try:
-                self._forward(self.actors[a], got)
-            finally:
-                with done:
-                    finished.append(a)
-                    done.notify()
-
-        while not self._stop.is_set() and trainer_alive():
-            for a in range(len(self.actors)):
-                while load[a] < _CALLS_IN_FLIGHT:
-                    got = self.ids.take(cfg.solvers.sims_per_call, "actors")
-                    if got is None:
-                        break
-                    load[a] += 1
-                    with self._lock:
-                        self._sims["dispatched"] += len(got.ids)
-                    th = threading.Thread(target=forward, args=(a, got), name=f"forward-{self.id}", daemon=True)
-                    th.start()
-                    running.append(th)
-            if not any(load):
-                if self._feeding_done():
-                    return
-                # External clients hold the rest (or may hand failed simulations back to the actors).
-                self._stop.wait(0.2)
-                continue
-            with done:
-                done.wait_for(lambda: bool(finished), timeout=0.5)
-                for a in finished:
-                    load[a] -= 1
-                finished.clear()
-        # Stopping: the shards are aborted, so that blocked forwarders see the end; wait for them.
-        if self._stop.is_set() or not trainer_alive():
-            self._shards_call("abort")
-        for th in running:
-            th.join(30)
-
-    def _forward(self, actor: ray.actor.ActorHandle, got: Assignment) -> None:
-        """Run one call and hand each chunk it yields to its shard, by reference (the backpressure waits here)."""
-        ids = got.ids
-        produced, closed = 0, False
-        diverged: list[int] = []
-        t0 = time.perf_counter()
-
-        def on_failed(sims: np.ndarray, reason: str) -> None:
-            # Deterministic for its (parameters, seed): given up at once, not re-run.
-            log.warning("simulations %s failed: %s", sims.tolist(), reason)
-            diverged.extend(int(i) for i in sims)
-            self._settle(sims, "failed", reason)
-
-        started: list[bool] = []
-        try:
-            # At most a few chunks ahead of the shard: a solver never makes memory grow without bound.
-            gen = actor.run.options(num_returns="streaming", _generator_backpressure_num_objects=4).remote(
-                ids, got.params, got.seeds
-            )
-            try:
-                for rows in forward_chunks(gen, self.shards, on_failed, lambda: started.append(True)):
-                    produced += rows
-            except BufferClosed:
-                closed = True
-        except Exception as e:
-            # The solver raised, or its process died (a crash, an OOM kill): this attempt failed. The
-            # simulations go back to be run again, each alone, while they have attempts left.
-            crashed = isinstance(e, ray.exceptions.RayActorError)
-            with self._lock:
-                self._produced += produced
-            rest = np.setdiff1d(ids, diverged)
-            # A dead actor fails its queued calls too: a call that never started (the actor's first
-            # message says it has) goes back without counting an attempt.
-            if crashed and not started:
-                self.ids.settle(rest, "interrupted")
-                return
-            what = "the solver process died" if crashed else f"the solver raised {_first_line(e)}"
-            log.warning("simulations %s..%s, attempt %s: %s", ids[0], ids[-1], int(got.attempts.max()), what)
-            self._settle(rest, "failed", what, requeue=True)
-            return
-        status = "cancelled" if closed else "done"
-        finished = np.setdiff1d(ids, diverged)
-        self._settle(finished, status)
-        with self._lock:
-            self._produced += produced
-            self._solve_s += time.perf_counter() - t0
-
-    def _settle(self, ids: np.ndarray, outcome: str, reason: str | None = None, requeue: bool = False) -> None:
-        """Record how simulations ended; stop the study once failures pass ``solvers.max_failure_fraction``."""
-        if len(ids) == 0:
-            return
-        again = set(self.ids.settle(ids, outcome, requeue=requeue))
-        given_up = [int(i) for i in ids if int(i) not in again]
-        with self._lock:
-            self._sims["retried"] += len(again)
-            self._sims[outcome] += len(given_up)
-            if outcome == "done":
-                self.done_ids.extend(given_up)
-            if outcome == "failed" and given_up:
-                self._last_failure = reason
-            failed, settled = self._sims["failed"], self._sims["failed"] + self._sims["done"]
-        limit = self.config.solvers.max_failure_fraction
-        # Judged once enough have ended for a fraction to mean something (or the whole budget has).
-        if failed and settled >= min(_FAILURES_JUDGED_AFTER, self.config.simulations) and failed > limit * settled:
-            self._fail(
-                f"{failed} of {settled} simulations failed, more than solvers.max_failure_fraction = {limit:g}; "
-                f"last failure: {self._last_failure}"
-            )
 
     def _fail(self, message: str) -> None:
         """Stop the study with an error (the trainer still publishes what it has learnt)."""
@@ -490,32 +402,6 @@ class Study:
         except OSError as e:  # a full or read-only disk must not stop the study
             log.warning("cannot write %s: %s", self.progress_path, e)
 
-    def _teardown(self, trainer_thread: threading.Thread | None) -> None:
-        if self.feed is not None:
-            self.feed.close(f"study {self.id} has ended")
-        if self._grpc is not None:
-            from services.ingest.server import release
-
-            self._grpc.detach(self.feed)
-            release(self._grpc)
-            self._grpc = None
-        self._shards_call("abort")
-        if trainer_thread is not None:
-            trainer_thread.join(60)
-        if self.control is not None:
-            try:
-                self.rank_states = ray.get(self.control.ranks.remote(), timeout=30)
-            except Exception:
-                pass
-        for a in self.actors:
-            try:
-                ray.kill(a, no_restart=True)
-            except Exception:
-                pass
-        # The shards let go of their chunks now (nothing may keep objects alive after a study); the
-        # actors themselves are kept until the study object goes away, so that their counts can be read.
-        self._shards_call("drop")
-
     def release(self) -> None:
         """Free the control actor and the shards (their final counts stay in the last snapshot)."""
         if self.control is not None:
@@ -562,6 +448,7 @@ class Study:
             for r in range(world)
         ]
         ray.get(self.control.set_shards.remote(self.shards))
+        self.dispatch.shards = self.shards
         try:
             self._nodes.update(ray.get([a.node.remote() for a in self.actors], timeout=120))
         except Exception:  # only for the report; a solver that is slow to start is no error
@@ -592,77 +479,69 @@ class Study:
         return out
 
     def snapshot(self) -> dict[str, Any]:
+        """The study's ``StudySnapshot``, as plain JSON types."""
         with self._lock:
             st = dict(self._buffer_stats)
-            sims = dict(self._sims)
             rates = dict(self._rates)
-            produced = self._produced
-            external = self._produced_external
-            ext_sims = dict(self._external)
             nodes = sorted(self._nodes)
+        fig = self.dispatch.figures()
+        sims, ext_sims = fig["simulations"], fig["external"]
+        produced, external = fig["produced"], fig["produced_external"]
         tr = st.get("training", {})
         # The buffer counts every sample offered at once; the actors report theirs when a call ends.
         offered = st.get("received", 0) + st.get("duplicates", 0)
         by_actors = max(produced, offered - external)
         elapsed = ((self.ended_at or time.time()) - self.started_at) if self.started_at else 0.0
         t = self.config.training
-        return {
-            "id": self.id,
-            "name": self.config.name,
-            "model_name": self.config.served_name,
-            "state": self.state,
-            "error": self.error,
-            "device": "gpu" if self.use_gpu else "cpu",
-            "started_at": self.started_at,
-            "updated_at": time.time(),
-            "nodes": {"solvers": nodes, "trainers": sorted(tr.get("nodes", []))},
-            "elapsed_s": elapsed,
-            "simulations": {
+        return StudySnapshot(
+            id=self.id,
+            name=self.config.name,
+            model_name=self.config.served_name,
+            state=self.state,
+            error=self.error,
+            device="gpu" if self.use_gpu else "cpu",
+            started_at=self.started_at,
+            updated_at=time.time(),
+            nodes=Nodes(solvers=nodes, trainers=sorted(tr.get("nodes", []))),
+            elapsed_s=elapsed,
+            simulations=SimulationCounts(
                 **sims,
-                "budget": self.config.simulations,
-                "external_done": ext_sims["done"],
-                "external_failed": ext_sims["failed"],
-            },
-            "samples": {
-                "produced": by_actors + external,
-                # By source (the gateway's /v1/studies schema holds numbers only in "samples": two keys).
-                "produced_actors": by_actors,
-                "produced_external": external,
-                "received": st.get("received", 0),
-                "duplicates": st.get("duplicates", 0),
-                "consumed": st.get("consumed", 0),
+                budget=self.config.simulations,
+                external_done=ext_sims["done"],
+                external_failed=ext_sims["failed"],
+            ),
+            samples=SampleCounts(
+                produced=by_actors + external,
+                produced_actors=by_actors,
+                produced_external=external,
+                received=st.get("received", 0),
+                duplicates=st.get("duplicates", 0),
+                consumed=st.get("consumed", 0),
                 **rates,
-            },
-            "buffer": {
-                "policy": self.config.buffer.policy,
-                "held": st.get("held", 0),
-                "capacity": st.get("capacity", self.config.buffer.capacity),
-                "watermark_reached": st.get("watermark_reached", False),
-                "evicted": st.get("evicted", 0),
-                "restarts": self._shard_counts.restarts,  # shard processes that died and came back empty
-            },
-            "training": {
-                "step": tr.get("step", 0),
-                "steps": t.steps,
-                "loss": _finite(tr.get("loss")),
-                "validation_error": _finite(tr.get("validation_error")),
-                "samples_seen": tr.get("samples_seen", 0),
-                "data_wait_s": tr.get("data_wait_s", 0.0),
-                "compute_s": tr.get("compute_s", 0.0),
-                "version": tr.get("version"),
-                "history": tr.get("history", []),
-                "restarts": tr.get("restarts", 0),  # worker-group restarts from a checkpoint
-                "resumed_at": tr.get("resumed_at", []),  # the step each restart went on from
-            },
-            "ingest": self.feed.stats() if self.feed is not None else None,
-        }
-
-
-def _first_line(e: BaseException) -> str:
-    """An exception as one short line (a Ray task error carries the remote traceback)."""
-    cause = getattr(e, "cause", None) or e
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[-1] if text else ''}"[:300]
+            ),
+            buffer=BufferFigures(
+                policy=self.config.buffer.policy,
+                held=st.get("held", 0),
+                capacity=st.get("capacity", self.config.buffer.capacity),
+                watermark_reached=st.get("watermark_reached", False),
+                evicted=st.get("evicted", 0),
+                restarts=self._shard_counts.restarts,
+            ),
+            training=TrainingFigures(
+                step=tr.get("step", 0),
+                steps=t.steps,
+                loss=_finite(tr.get("loss")),
+                validation_error=_finite(tr.get("validation_error")),
+                samples_seen=tr.get("samples_seen", 0),
+                data_wait_s=tr.get("data_wait_s", 0.0),
+                compute_s=tr.get("compute_s", 0.0),
+                version=tr.get("version"),
+                history=tr.get("history", []),
+                restarts=tr.get("restarts", 0),
+                resumed_at=tr.get("resumed_at", []),
+            ),
+            ingest=self.feed.stats() if self.feed is not None else None,
+        ).to_dict()
 
 
 def _finite(v: Any) -> float | None:
@@ -753,7 +632,7 @@ def resumable_config(store_root: str | Path, study_id: str) -> StudyConfig | Non
         last = json.loads((d.parent / f"{study_id}.json").read_text()).get("state")
     except (OSError, ValueError):
         last = None
-    if last == "finished":
+    if last == StudyState.FINISHED:
         raise StudyNotResumable(f"study {study_id!r} has finished: there is nothing to resume")
     return cfg
 
@@ -864,61 +743,3 @@ class StudyManager:
             return None
         s.stop()
         return s.snapshot()
-
-
-def pending_snapshot(study_id: str, config: StudyConfig, state: str, error: str | None = None) -> dict[str, Any]:
-    """A snapshot for a study whose driver has not reported yet (or never will)."""
-    return {
-        "id": study_id,
-        "name": config.name,
-        "model_name": config.served_name,
-        "state": state,
-        "error": error,
-        "device": "gpu" if config.training.use_gpu else "cpu",
-        "started_at": None,
-        "updated_at": time.time(),
-        "nodes": {"solvers": [], "trainers": []},
-        "elapsed_s": 0.0,
-        "simulations": {
-            "dispatched": 0,
-            "done": 0,
-            "failed": 0,
-            "cancelled": 0,
-            "retried": 0,
-            "budget": config.simulations,
-            "external_done": 0,
-            "external_failed": 0,
-        },
-        "samples": {
-            "produced": 0,
-            "produced_actors": 0,
-            "produced_external": 0,
-            "received": 0,
-            "duplicates": 0,
-            "consumed": 0,
-            "produced_per_s": 0.0,
-            "consumed_per_s": 0.0,
-        },
-        "buffer": {
-            "policy": config.buffer.policy,
-            "held": 0,
-            "capacity": config.buffer.capacity,
-            "watermark_reached": False,
-            "evicted": 0,
-            "restarts": 0,
-        },
-        "training": {
-            "step": 0,
-            "steps": config.training.steps,
-            "loss": None,
-            "validation_error": None,
-            "samples_seen": 0,
-            "data_wait_s": 0.0,
-            "compute_s": 0.0,
-            "version": None,
-            "history": [],
-            "restarts": 0,
-            "resumed_at": [],
-        },
-        "ingest": None,
-    }

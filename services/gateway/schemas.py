@@ -6,6 +6,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.snapshot import StudySnapshot
+
 
 class ErrorPublic(BaseModel):
     detail: str
@@ -71,19 +73,8 @@ class PredictResponse(BaseModel):
     outputs: list[Any]
 
 
-class StudyPublic(BaseModel):
-    id: str
-    name: str
-    model_name: str
-    state: str
-    error: str | None
-    device: str
-    nodes: dict[str, list[str]] = Field(default_factory=dict, description="Ray node ids that ran solvers and trainers")
-    elapsed_s: float
-    simulations: dict[str, int]
-    samples: dict[str, float]
-    buffer: dict[str, Any]
-    training: dict[str, Any]
+# A study as the API shows it: the snapshot its driver reports (one layout for file, metrics, CLI, API).
+StudyPublic = StudySnapshot
 
 
 class StudyList(BaseModel):

@@ -62,7 +62,8 @@ def exported_surge_metrics(tmp: Path) -> set[str]:
         else:
             names.add(fam.name)
     # A running study's snapshot with every figure the collector reads.
-    snap: dict = {"id": "s", "state": "running", "updated_at": time.time(), "simulations": {"done": 1}}
+    snap: dict = {"id": "s", "name": "s", "model_name": "m", "state": "running", "updated_at": time.time()}
+    snap["simulations"] = {"done": 1}
     for _, _, path in (*M._COUNTERS, *M._GAUGES):
         d = snap
         for k in path[:-1]:

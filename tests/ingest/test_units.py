@@ -173,8 +173,9 @@ def test_a_port_in_use_is_an_error_not_a_shared_port() -> None:
 def test_produced_samples_are_exported_by_source_and_add_up_by_study(tmp_path: Path) -> None:
     d = tmp_path / PROGRESS_DIR
     d.mkdir()
-    new = {"id": "new", "samples": {"produced": 30, "produced_actors": 10, "produced_external": 20}}
-    old = {"id": "old", "samples": {"produced": 7}}  # written before sources existed
+    head = {"name": "s", "model_name": "m", "state": "finished"}
+    new = {"id": "new", **head, "samples": {"produced": 30, "produced_actors": 10, "produced_external": 20}}
+    old = {"id": "old", **head, "samples": {"produced": 7}}  # written before sources existed
     for snap in (new, old):
         (d / f"{snap['id']}.json").write_text(json.dumps(snap))
     fam = next(f for f in StudyCollector(tmp_path).collect() if f.name == "surge_samples_produced")
