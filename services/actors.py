@@ -10,7 +10,7 @@ import numpy as np
 import ray
 
 import solvers
-from services.dataplane import FAILED, STARTED, chunk_keys, shard_parts
+from services.dataplane import ENDED, FAILED, STARTED, chunk_keys, shard_parts
 from trainer.buffer import Batch, Chunk, check_chunk, make_buffer
 from trainer.problem import ProblemSpec
 
@@ -166,7 +166,8 @@ class SolverActor:
     shard it is for and its keys (``dataplane.chunk_keys``) -- and then the chunk ``(x, y, sim_id,
     t_index)``. A simulation whose output turns non-finite (a diverged solve) is dropped from that
     chunk on, and named once by a head ``(FAILED, sim_ids, reason)`` followed by ``None``; the
-    others of its batch go on. The stream opens with ``(STARTED,)`` and ``None``. Objects a
+    others of its batch go on. The stream opens with ``(STARTED,)`` and ``None`` and closes with
+    ``(ENDED,)`` and ``None`` (a stream without its end was cut short). Objects a
     generator yields are owned by the caller (the study driver), so they outlive this actor; the driver hands only their
     references to the shards.
     """
@@ -207,6 +208,8 @@ class SolverActor:
                 for shard, part in shard_parts(checked, self.shards, self.group, self.chunk_steps):
                     yield (shard, *chunk_keys(*part))
                     yield part
+        yield (ENDED,)
+        yield None
 
 
 def _checked(chunk: tuple[np.ndarray, ...], diverged: set[int]) -> tuple[tuple[np.ndarray, ...] | None, np.ndarray]:

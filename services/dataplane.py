@@ -35,7 +35,7 @@ import torch
 
 from trainer.buffer import Batch, BufferClosed, Chunk, assemble, check_chunk
 
-FAILED, STARTED = -1, -2  # the shard index of message heads in a solver's stream (see forward_chunks)
+FAILED, STARTED, ENDED = -1, -2, -3  # the shard index of message heads in a solver's stream (see forward_chunks)
 SHARDS_WAIT_S = 600.0  # how long a producer waits for the trainer ranks to register their shards
 VIEW_TTL_CALLS = 8  # a trainer rank lets go of a chunk it has not drawn from in this many requests
 
@@ -100,6 +100,7 @@ def forward_chunks(
     on_failed: Callable[[np.ndarray, str], None] | None = None,
     on_started: Callable[[], None] | None = None,
     max_pending: int = 64,
+    on_ended: Callable[[], None] | None = None,
 ) -> Iterator[int]:
     """Hand each chunk of a ``SolverActor.run`` stream to its shard; yields the rows of each, in order.
 
@@ -109,7 +110,9 @@ def forward_chunks(
     up to ``max_pending`` chunks outstanding. Raises ``BufferClosed`` when a shard is closed. Heads
     with a negative shard index are messages followed by no chunk: ``(FAILED, sim_ids, reason)``
     names simulations the solver failed (passed to ``on_failed``), ``(STARTED,)`` says that the call
-    has started running (``on_started``).
+    has started running (``on_started``), ``(ENDED,)`` that it has yielded everything (``on_ended``):
+    a stream that stops without it was cut short (its process died, and Ray may end the stream
+    without an error).
     """
     pending: deque[Any] = deque()
     head: tuple[Any, ...] = ()
@@ -121,6 +124,10 @@ def forward_chunks(
             if int(head[0]) == STARTED:
                 if on_started is not None:
                     on_started()
+                continue
+            if int(head[0]) == ENDED:
+                if on_ended is not None:
+                    on_ended()
                 continue
             if int(head[0]) == FAILED:
                 if on_failed is not None:

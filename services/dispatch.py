@@ -29,6 +29,10 @@ CALLS_IN_FLIGHT = 2  # per solver actor: one running, one queued, so an actor ne
 FAILURES_JUDGED_AFTER = 20  # simulations ended before solvers.max_failure_fraction is applied
 
 
+class StreamCut(RuntimeError):
+    """A solver call's stream that stopped before its end: the process died mid-call."""
+
+
 class Dispatcher:
     """Hands out a study's simulations and counts how they end (thread-safe ``figures()``)."""
 
@@ -139,20 +143,27 @@ class Dispatcher:
             self.settle(sims, "failed", reason)
 
         started: list[bool] = []
+        ended: list[bool] = []
         try:
             # At most a few chunks ahead of the shard: a solver never makes memory grow without bound.
             gen = actor.run.options(num_returns="streaming", _generator_backpressure_num_objects=4).remote(
                 ids, got.params, got.seeds
             )
             try:
-                for rows in forward_chunks(gen, self.shards, on_failed, lambda: started.append(True)):
+                chunks = forward_chunks(
+                    gen, self.shards, on_failed, lambda: started.append(True), on_ended=lambda: ended.append(True)
+                )
+                for rows in chunks:
                     produced += rows
             except BufferClosed:
                 closed = True
+            if not closed and not ended:
+                # Ray may end the stream of an actor killed mid-call without an error: not done.
+                raise StreamCut("the solver's stream stopped before its end")
         except Exception as e:
             # The solver raised, or its process died (a crash, an OOM kill): this attempt failed. The
             # simulations go back to be run again, each alone, while they have attempts left.
-            crashed = isinstance(e, ray.exceptions.RayActorError)
+            crashed = isinstance(e, ray.exceptions.RayActorError | StreamCut)
             with self._lock:
                 self.produced += produced
             rest = np.setdiff1d(ids, diverged)

@@ -576,6 +576,20 @@ def check_resources(cfg: StudyConfig, cluster: dict[str, float]) -> None:
             f"{need:g} CPUs ({actors} solver actors x {cfg.solvers.num_cpus:g} + {t.workers} trainer workers),"
             f" the Ray cluster has {cpus:g}"
         )
+    store = float(cluster.get("object_store_memory", 0))
+    if not cfg.dataset and store > 0:
+        # The buffer's samples live in the object store (the shards hold references): its capacity in
+        # bytes, or in samples at this problem's sample size, must fit in what the cluster has.
+        spec = cfg.problem.spec()
+        per_sample = 4 * (int(np.prod(spec.in_shape)) + int(np.prod(spec.out_shape)))
+        by_samples = cfg.buffer.capacity * per_sample
+        need_b = min(by_samples, cfg.buffer.capacity_mb * 2**20) if cfg.buffer.capacity_mb else by_samples
+        if need_b > store:
+            missing.append(
+                f"{need_b / 2**20:.0f} MB of object store for the buffer (buffer.capacity {cfg.buffer.capacity}"
+                f" samples x {per_sample} bytes), the Ray cluster has {store / 2**20:.0f} MB;"
+                " lower buffer.capacity or set buffer.capacity_mb"
+            )
     if missing:
         raise ResourcesError("the study needs " + "; and ".join(missing))
 

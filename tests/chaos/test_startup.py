@@ -39,6 +39,12 @@ def test_what_fits_passes_the_check() -> None:
     check_resources(parse_config({**BASE, "training": {"workers": 2, "use_gpu": True}}), {"CPU": 4.0, "GPU": 2.0})
     with pytest.raises(ResourcesError, match=r"2 GPUs .* the Ray cluster has 1$"):
         check_resources(parse_config({**BASE, "training": {"workers": 2, "use_gpu": True}}), {"CPU": 4.0, "GPU": 1.0})
+    # The buffer's samples must fit in the object store: by samples at this problem's size, or capacity_mb.
+    big = parse_config({**BASE, "buffer": {"capacity": 100_000}})  # 16x16 heat2d: 4 x (7 + 256) bytes a sample
+    with pytest.raises(ResourcesError, match=r"100 MB of object store for the buffer .* the Ray cluster has 50 MB"):
+        check_resources(big, {"CPU": 4.0, "object_store_memory": 50 * 2**20})
+    bounded = parse_config({**BASE, "buffer": {"capacity": 100_000, "capacity_mb": 40}})
+    check_resources(bounded, {"CPU": 4.0, "object_store_memory": 50 * 2**20})
     # An offline study runs no solver actors (checked on the validated config, before the dataset is read).
     offline = parse_config({**BASE, "solvers": {"actors": 8}}).model_copy(update={"dataset": "d.zarr"})
     check_resources(offline, {"CPU": 1.0})
