@@ -56,8 +56,10 @@ class Dispatcher:
         self.external_capped: Callable[[], bool] = lambda: False  # the external clients ran all they may
         self._lock = threading.Lock()
         # failed: given up (every attempt failed, or a non-finite output); retried: attempts handed out again.
-        self._sims = {"dispatched": ids.handed_out, **{k: ids.counts[k] for k in ("done", "failed", "cancelled")}}
-        self._sims["retried"] = ids.counts["retried"]
+        self._sims = {
+            "dispatched": ids.handed_out,
+            **{k: ids.counts[k] for k in ("done", "failed", "cancelled", "retried")},
+        }
         self.done_ids: list[int] = list(ids.done)  # from an earlier life of the study, when resumed
         self._last_failure: str | None = None
         self.produced = 0  # samples offered to the buffer by the solver actors (as their calls end)

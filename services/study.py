@@ -223,10 +223,13 @@ class Study:
     def _await_trainer(self, trainer_thread: threading.Thread) -> None:
         """Until the trainer ends; once a stop is asked, for ``training.stop_grace_s`` at most."""
         grace = self.config.training.stop_grace_s
+        aborted = False
         while trainer_thread.is_alive():
             trainer_thread.join(0.5)
             if self._stop.is_set():
-                self._shards_call("abort")
+                if not aborted:  # once: a shard restarted later is aborted again by _poll
+                    self._shards_call("abort")
+                    aborted = True
                 if time.monotonic() - self._stop_at > grace:
                     # Teardown kills the trainer: the last version is the last one published.
                     log.warning("study %s: no last checkpoint within training.stop_grace_s = %g s", self.id, grace)
