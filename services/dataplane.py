@@ -113,13 +113,25 @@ def forward_chunks(
     has started running (``on_started``), ``(ENDED,)`` that it has yielded everything (``on_ended``):
     a stream that stops without it was cut short (its process died, and Ray may end the stream
     without an error).
+
+    A chunk is put only once the head after it has been read: when the solver's process dies, Ray
+    ends the stream with one more reference that holds the error, and it may come where a chunk
+    is due. Put as a chunk, it would stand in a shard for samples that were never sent, and the
+    shard would drop those samples as duplicates when the simulation is run again. The last
+    reference of a stream cut short is therefore never put (its simulations run again).
     """
     pending: deque[Any] = deque()
     head: tuple[Any, ...] = ()
+    held: tuple[int, Any, tuple[Any, ...]] | None = None  # (shard, chunk ref, keys) not yet put
     try:
         for i, ref in enumerate(stream):
             if i % 2 == 0:
-                head = tuple(ray.get(ref))
+                head = tuple(ray.get(ref))  # raises the error a cut stream ends with
+                if held is not None:
+                    pending.append(shards[held[0]].put.remote([held[1]], held[2]))
+                    held = None
+                    while len(pending) > max_pending:
+                        yield _settle(pending.popleft())
                 continue
             if int(head[0]) == STARTED:
                 if on_started is not None:
@@ -133,10 +145,9 @@ def forward_chunks(
                 if on_failed is not None:
                     on_failed(np.asarray(head[1]), str(head[2]))
                 continue
-            pending.append(shards[int(head[0])].put.remote([ref], head[1:]))
+            held = (int(head[0]), ref, head[1:])
             del ref
-            while len(pending) > max_pending:
-                yield _settle(pending.popleft())
+        held = None  # no head after it: the stream was cut (a complete one ends with ENDED's head)
         while pending:
             yield _settle(pending.popleft())
     finally:

@@ -173,6 +173,43 @@ def test_chunks_are_released_and_the_object_store_returns_to_its_baseline(tmp_pa
     assert objects <= objects0 and mib <= mib0 + 1
 
 
+@ray.remote
+def _raises() -> None:
+    raise RuntimeError("the solver's process died")
+
+
+def test_a_stream_cut_short_puts_no_chunk_in_place_of_its_error() -> None:
+    # When a solver's process dies, Ray ends its stream with one more reference holding the error,
+    # which may come where a chunk is due. Put as a chunk, it would stand in the shard for samples
+    # never sent, and the shard would drop them as duplicates when the simulation runs again.
+    from services.actors import BufferShard
+    from services.dataplane import chunk_keys, forward_chunks
+
+    shard = BufferShard.options(num_cpus=0).remote("fifo", 1000, 1)
+    chunks = [
+        (np.full((3, 2), c, np.float32), np.full((3, 4), c, np.float32), np.full(3, c), np.arange(3)) for c in range(3)
+    ]
+    heads = [ray.put((0, *chunk_keys(*c))) for c in chunks]
+    error = _raises.remote()
+    try:
+        # Two chunks, the third chunk's head, then the error where its chunk is due.
+        stream = [heads[0], ray.put(chunks[0]), heads[1], ray.put(chunks[1]), heads[2], error]
+        assert list(forward_chunks(iter(stream), [shard])) == [3, 3]
+        # The third chunk was never put: sent again by a re-run, it is taken; the first two are
+        # held, so a re-run's copies of them are dropped.
+        assert ray.get(shard.put.remote([ray.put(chunks[2])], chunk_keys(*chunks[2]))) == (3, 3)
+        assert ray.get(shard.put.remote([ray.put(chunks[0])], chunk_keys(*chunks[0]))) == (3, 0)
+        # A stream that stops after a chunk, with no head after it, puts nothing of that chunk.
+        fresh = (np.full((3, 2), 9, np.float32), np.full((3, 4), 9, np.float32), np.full(3, 9), np.arange(3))
+        assert list(forward_chunks(iter([ray.put((0, *chunk_keys(*fresh))), ray.put(fresh)]), [shard])) == []
+        assert ray.get(shard.put.remote([ray.put(fresh)], chunk_keys(*fresh))) == (3, 3)
+        # An error where a head is due is raised to the caller, after the chunks before it.
+        with pytest.raises(ray.exceptions.RayTaskError):
+            list(forward_chunks(iter([error, ray.put(chunks[0])]), [shard]))
+    finally:
+        ray.kill(shard)
+
+
 def test_a_rank_keeps_views_of_its_chunks_bounded_and_lets_go_at_the_end() -> None:
     # A trainer rank caches zero-copy views of the chunks it draws from (so a chunk is fetched once,
     # not once per batch); the views keep chunks in the object store, so the cache must stay within
