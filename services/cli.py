@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from services import auth
 from services.config import DEFAULT_CONFIG, ConfigError, StudyConfig, load_config
 
 
@@ -86,9 +87,25 @@ def _serve_grpc(args: argparse.Namespace, settings: Any, hub: Any) -> Any:
         return None
     from services.ingest.server import serve
 
-    srv = serve(args.host, port, token=settings.api_token, max_message_bytes=settings.max_body_bytes)
-    srv.serve_predictions(hub, settings.max_predict_rows)
+    srv = serve(args.host, port, token=settings.ingest_token, max_message_bytes=settings.max_body_bytes)
+    srv.serve_predictions(hub, settings.max_predict_rows, settings.max_predict_values, settings.predict_token)
     return srv
+
+
+def _gateway_settings(**overrides: Any) -> Any:
+    """The gateway's settings from ``SURGE_*``, or exit 2 with what is wrong (not a traceback)."""
+    from pydantic import ValidationError
+
+    from services.gateway.settings import GatewaySettings
+
+    try:
+        return GatewaySettings.from_env(**overrides)
+    except auth.SecretError as e:
+        raise SystemExit(f"surge: {e}") from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = "SURGE_" + ".".join(str(p) for p in err["loc"]).upper()
+        raise SystemExit(f"surge: {where}: {err['msg']}") from None
 
 
 def _load(path: str | None) -> StudyConfig:
@@ -105,7 +122,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rich.live import Live
 
     from services.gateway.app import create_app
-    from services.gateway.settings import GatewaySettings
     from services.study import StudyManager
 
     cfg = _load(args.config)
@@ -113,10 +129,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not _port_free(args.host, args.port):
         console.print(f"[red]surge: port {args.port} on {args.host} is in use; pass --port[/red]")
         return 2
-    token = os.environ.get("SURGE_API_TOKEN") or secrets.token_urlsafe(24)
-    settings = GatewaySettings.from_env(store=Path(args.store), api_token=token)
+    # Tokens not given are made up for this run and printed: a laptop user needs no setup.
+    settings = _gateway_settings(store=Path(args.store))
+    token = settings.api_token or secrets.token_urlsafe(24)
+    ingest_token = settings.ingest_token or secrets.token_urlsafe(24)
+    settings = settings.model_copy(update={"api_token": token, "ingest_token": ingest_token})
     init_ray(args.cpus, args.address)
-    manager = StudyManager(settings.store, settings.max_running_studies, ingest_token=token)
+    manager = StudyManager(settings.store, settings.max_running_studies, ingest_token=ingest_token)
     app = create_app(settings, manager)
     try:
         grpc_server = _serve_grpc(args, settings, app.state.hub)
@@ -135,7 +154,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if grpc_server is not None:
         console.print(f"gRPC predictions on {grpc_server.address}")
     if cfg.ingest.enabled:
-        console.print(f"external solvers: study [bold]{study.id}[/bold] takes them over gRPC on port {cfg.ingest.port}")
+        console.print(
+            f"external solvers: study [bold]{study.id}[/bold] takes them over gRPC on port {cfg.ingest.port}"
+            f" (ingest token: {ingest_token})"
+        )
     console.print(f"model [bold]{cfg.served_name}[/bold] is served from {settings.store.resolve()} as it trains")
     try:
         with Live(render_progress(study.snapshot()), console=console, refresh_per_second=2) as live:
@@ -169,11 +191,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from services.gateway.app import create_app
-    from services.gateway.settings import GatewaySettings
 
-    settings = GatewaySettings.from_env(
-        store=Path(args.store) if args.store else None, ray_jobs_address=args.jobs_address
-    )
+    settings = _gateway_settings(store=Path(args.store) if args.store else None, ray_jobs_address=args.jobs_address)
     manager: Any = None
     if settings.ray_jobs_address:
         from services.jobs import RayJobStudies
@@ -183,7 +202,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from services.study import StudyManager
 
         init_ray(None, args.address)
-        manager = StudyManager(settings.store, settings.max_running_studies, ingest_token=settings.api_token)
+        manager = StudyManager(settings.store, settings.max_running_studies, ingest_token=settings.ingest_token)
     app = create_app(settings, manager)
     try:
         _serve_grpc(args, settings, app.state.hub)
@@ -256,7 +275,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     import httpx
 
     cfg = _load(args.config)
-    token = args.token or os.environ.get("SURGE_API_TOKEN")
+    token = args.token or auth.secret(auth.ADMIN)
     if not token:
         print("surge: submit needs the gateway's API token (--token or SURGE_API_TOKEN)", file=sys.stderr)
         return 2

@@ -9,7 +9,6 @@ a Ray connection — it keeps serving models when the cluster is gone.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import time
 import uuid
@@ -64,9 +63,9 @@ class RayJobStudies:
     def _submit(self, entrypoint: str, job_id: str, config: StudyConfig, study_id: str) -> None:
         client = self._client()
         env = {CONFIG_ENV: config.model_dump_json()}
-        # The study's gRPC ingest (external solvers) checks the same bearer token as this gateway.
-        if token := os.environ.get("SURGE_API_TOKEN"):
-            env["SURGE_API_TOKEN"] = token
+        # No token travels here: Ray shows a job's runtime_env in its dashboard and job API. A study's
+        # gRPC ingest reads its token on the node (SURGE_INGEST_TOKEN or SURGE_INGEST_TOKEN_FILE,
+        # a mounted Secret in the Helm chart).
         # Ray's job runner sends SIGTERM on stop, then SIGKILL after this many seconds (3 by default): the
         # driver gets the study's grace period to publish its last checkpoint, and some to tear down.
         env["RAY_JOB_STOP_WAIT_TIME_S"] = str(int(config.training.stop_grace_s) + 30)

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 import ray
 
+from services import auth
 from services.actors import BufferShard, SolverActor, StudyControl
 from services.config import StudyConfig
 from services.dataplane import ShardCounts, ShardRouter, merge_stats
@@ -110,7 +111,7 @@ class Study:
         abort = lambda: self._shards_call("abort")  # noqa: E731
         self.dispatch = Dispatcher(self.id, config, self.ids, self._stop, self._fail, abort)
         # The gRPC ingest of external solvers (when config.ingest.enabled): same token as the gateway.
-        self._ingest_token = ingest_token if ingest_token is not None else os.environ.get("SURGE_API_TOKEN")
+        self._ingest_token = ingest_token if ingest_token is not None else auth.secret(auth.INGEST)
         self.feed: Any = None  # services.ingest.server.StudyFeed
         self._grpc: Any = None  # the services.ingest.server.SurgeServer it is attached to
         self.ingest_address: str | None = None
@@ -302,7 +303,7 @@ class Study:
         ing = self.config.ingest
         if not self._ingest_token:
             log.warning(
-                "study %s: ingest is enabled but SURGE_API_TOKEN is unset; external clients are refused", self.id
+                "study %s: ingest is enabled but SURGE_INGEST_TOKEN is unset; external clients are refused", self.id
             )
         # External simulations come one per stream: each goes whole to its shard.
         sink = ShardRouter(

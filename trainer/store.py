@@ -14,13 +14,16 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from trainer.models import build_model
+from trainer.problem import ProblemSpec
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _VERSION = re.compile(r"^\d{6}$")
@@ -36,6 +39,22 @@ class LoadedModel:
     version: int
     card: dict[str, Any]
     model: torch.nn.Module
+
+    # Read from the card once per loaded version, not once per request.
+    @cached_property
+    def spec(self) -> ProblemSpec:
+        return ProblemSpec.from_dict(self.card["problem"])
+
+    @cached_property
+    def normaliser(self) -> Any:
+        from trainer.loop import Normaliser  # the training loop's module; only its normaliser is needed here
+
+        return Normaliser.from_dict(self.card["normalisation"])
+
+    @cached_property
+    def values_per_row(self) -> int:
+        """Output values of one predicted row (``prod(output_shape)``)."""
+        return int(np.prod(self.spec.out_shape))
 
 
 def check_name(name: str) -> str:

@@ -6,12 +6,14 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import torch
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 
 from services.gateway.hub import ModelHub
+from services.gateway.pool import PredictPool
 from services.gateway.routes import models, studies, system
 from services.gateway.settings import GatewaySettings
 from services.metrics import StudyCollector
@@ -27,10 +29,16 @@ def create_app(settings: GatewaySettings | None = None, manager: StudyBackend | 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.hub.start()
+        # Each predict worker gets its share of the cores: N concurrent forwards with torch's default
+        # (every core each) would oversubscribe them and make every request slower.
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(settings.intra_op_threads())
+        await asyncio.to_thread(app.state.hub.start)  # loads every model: not on the event loop
         try:
             yield
         finally:
+            app.state.predict_pool.shutdown()
+            torch.set_num_threads(threads_before)  # the process may go on (an embedding program, tests)
             # Studies run in this process (embedded) stop as a DELETE would: each publishes a last checkpoint.
             stop_all = getattr(app.state.manager, "stop_all", None)
             if stop_all is not None:
@@ -41,6 +49,7 @@ def create_app(settings: GatewaySettings | None = None, manager: StudyBackend | 
     app.state.settings = settings
     app.state.hub = ModelHub(settings.store, settings.poll_interval_s)
     app.state.manager = manager
+    app.state.predict_pool = PredictPool(settings.predict_workers, settings.predict_queue)
     app.state.study_registry = CollectorRegistry(auto_describe=True)
     app.state.study_registry.register(StudyCollector(settings.store))
 

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 
+from services.auth import TOKEN_MISSING, bearer_ok
 from services.gateway.hub import ModelHub
+from services.gateway.pool import PredictPool
 from services.gateway.settings import GatewaySettings
 from services.study import StudyBackend
 
-TOKEN_MISSING = "missing or invalid bearer token"
 MUTATIONS_DISABLED = "study mutations are disabled: the gateway has no API token (set SURGE_API_TOKEN)"
 STUDIES_UNAVAILABLE = "studies are unavailable: this gateway is not connected to a Ray cluster"
 BODY_TOO_LARGE = "request body exceeds the limit of {limit} bytes"
@@ -35,9 +35,18 @@ def get_manager(request: Request) -> StudyBackend:
 def require_token(request: Request, settings: Annotated[GatewaySettings, Depends(get_settings)]) -> None:
     if not settings.api_token:
         raise HTTPException(status.HTTP_403_FORBIDDEN, MUTATIONS_DISABLED)
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_token.encode()):
+    if not bearer_ok(request.headers.get("authorization"), settings.api_token):
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, TOKEN_MISSING, headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_predict_token(request: Request, settings: Annotated[GatewaySettings, Depends(get_settings)]) -> None:
+    """Predictions are open unless the gateway has a predict token (``SURGE_PREDICT_TOKEN``)."""
+    if settings.predict_token and not bearer_ok(request.headers.get("authorization"), settings.predict_token):
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, TOKEN_MISSING, headers={"WWW-Authenticate": "Bearer"})
+
+
+def get_pool(request: Request) -> PredictPool:
+    return request.app.state.predict_pool
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -58,3 +67,5 @@ SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]
 HubDep = Annotated[ModelHub, Depends(get_hub)]
 ManagerDep = Annotated[StudyBackend, Depends(get_manager)]
 TokenDep = Annotated[None, Depends(require_token)]
+PredictTokenDep = Annotated[None, Depends(require_predict_token)]
+PoolDep = Annotated[PredictPool, Depends(get_pool)]

@@ -15,8 +15,6 @@ import numpy as np
 import torch
 
 from services import metrics as M
-from trainer.loop import Normaliser
-from trainer.problem import ProblemSpec
 from trainer.store import LoadedModel, ModelStore, StoreError
 
 PINNED_KEPT = 4  # older versions kept loaded for clients that pin one
@@ -30,8 +28,7 @@ def run_model(m: LoadedModel, rows: np.ndarray, fields: np.ndarray | None = None
     Parametric: ``rows [N, P+1]`` (physical parameters in card order, then t). Operator:
     ``fields [N, C_in, *grid]`` and ``rows [N, P]`` (the parameters, possibly none).
     """
-    spec = ProblemSpec.from_dict(m.card["problem"])
-    norm = Normaliser.from_dict(m.card["normalisation"])
+    spec, norm = m.spec, m.normaliser
     if spec.field_input:
         assert fields is not None
         x = torch.from_numpy(spec.encode_fields(fields, rows))  # (N, C_in+P, *grid)
@@ -45,7 +42,7 @@ def run_model(m: LoadedModel, rows: np.ndarray, fields: np.ndarray | None = None
 def check_servable(m: LoadedModel) -> None:
     """Predict once at the centre of the parameter box; a checkpoint that cannot is not served."""
     try:
-        spec = ProblemSpec.from_dict(m.card["problem"])
+        spec = m.spec
         mid = (np.asarray(spec.params.low) + np.asarray(spec.params.high)) / 2
         if spec.field_input:
             y = run_model(m, mid[None], np.zeros((1, len(spec.inputs), *spec.grid), np.float32))

@@ -78,7 +78,7 @@ def find_model(models: Models, name: str, version: int | None = None) -> LoadedM
 
 
 def spec_of(m: LoadedModel) -> ProblemSpec:
-    return ProblemSpec.from_dict(m.card["problem"])
+    return m.spec
 
 
 # Parsing ------------------------------------------------------------------------------------------
@@ -240,6 +240,24 @@ def check(inp: PredictInput, spec: ProblemSpec) -> PredictInput:
     return inp
 
 
+def check_answer_size(m: LoadedModel, inp: PredictInput, max_values: int) -> None:
+    """413 when the answer would hold more than ``max_values`` output values, saying how to split the request."""
+    rows, per_row = int(inp.rows.shape[0]), m.values_per_row
+    if rows * per_row <= max_values:
+        return
+    if per_row > max_values:
+        raise PredictError(
+            413,
+            f"one row of {m.name!r} predicts {per_row} values, above the gateway's limit of {max_values} "
+            "output values per request (SURGE_MAX_PREDICT_VALUES)",
+        )
+    raise PredictError(
+        413,
+        f"the answer would hold {rows * per_row} output values ({rows} rows x {per_row} per row), above the "
+        f"limit of {max_values}: split the request into requests of at most {max_values // per_row} rows",
+    )
+
+
 def predict(m: LoadedModel, inp: PredictInput) -> np.ndarray:
     """The model's prediction ``[N, C_out, *grid]`` float32 (may hold non-finite values: callers decide)."""
     return run_model(m, inp.rows, inp.fields)
@@ -254,6 +272,7 @@ __all__ = [
     "PredictError",
     "PredictInput",
     "check",
+    "check_answer_size",
     "find_model",
     "parse_body",
     "parse_data",

@@ -7,31 +7,73 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services import auth
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may use (a container's cpuset)
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_predict_workers() -> int:
+    return max(1, min(4, _cores()))
+
 
 class GatewaySettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     store: Path = Field(Path("models"), description="model store directory")
-    api_token: str | None = Field(None, description="bearer token for study mutations; unset disables them")
+    api_token: str | None = Field(
+        None, description="admin bearer token: studies and model promotion; unset disables them"
+    )
+    ingest_token: str | None = Field(
+        None, description="bearer token of external solvers (gRPC Ingest and Study); unset disables ingest"
+    )
+    predict_token: str | None = Field(None, description="bearer token for predictions; unset: predictions are open")
     max_body_bytes: int = Field(32 * 2**20, ge=1024, description="requests above this size get 413")
     max_predict_rows: int = Field(4096, ge=1, description="most (params, t) rows in one predict request")
+    # 4 Mi float32 outputs: 16 MB as .npy, about 50 MB as JSON. With the default workers and queue
+    # (each admitted request may also hold a body), the worst case stays well inside the Helm
+    # chart's 2 GiB memory limit.
+    max_predict_values: int = Field(
+        2**22, ge=1, description="most output values (rows x values per row) in one predict answer"
+    )
+    predict_workers: int = Field(
+        default_factory=default_predict_workers, ge=1, description="predictions computed at once (threads)"
+    )
+    predict_queue: int = Field(16, ge=0, description="predictions waiting for a worker; more are answered 503")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads (default: the cores shared among the predict workers)"
+    )
     poll_interval_s: float = Field(1.0, gt=0, description="how often the model store is checked for new versions")
     max_running_studies: int = Field(2, ge=1)
     ray_jobs_address: str | None = Field(
         None, description="Ray job API (http://head:8265): studies run there as Ray jobs"
     )
 
+    def intra_op_threads(self) -> int:
+        return self.torch_threads or max(1, _cores() // self.predict_workers)
+
     @classmethod
     def from_env(cls, **overrides: object) -> GatewaySettings:
         env: dict[str, object] = {}
         if v := os.environ.get("SURGE_STORE"):
             env["store"] = Path(v)
-        if v := os.environ.get("SURGE_API_TOKEN"):
-            env["api_token"] = v
-        if v := os.environ.get("SURGE_MAX_BODY_BYTES"):
-            env["max_body_bytes"] = int(v)
-        if v := os.environ.get("SURGE_MAX_PREDICT_ROWS"):
-            env["max_predict_rows"] = int(v)
+        for key, name in (("api_token", auth.ADMIN), ("ingest_token", auth.INGEST), ("predict_token", auth.PREDICT)):
+            if v := auth.secret(name):
+                env[key] = v
+        for key in (
+            "max_body_bytes",
+            "max_predict_rows",
+            "max_predict_values",
+            "predict_workers",
+            "predict_queue",
+            "torch_threads",
+        ):
+            if v := os.environ.get(f"SURGE_{key.upper()}"):
+                env[key] = v  # validated (and refused with the variable's meaning) by the model
         if v := os.environ.get("SURGE_RAY_JOBS_ADDRESS"):
             env["ray_jobs_address"] = v
         env.update({k: v for k, v in overrides.items() if v is not None})

@@ -4,7 +4,7 @@ An external solver takes part in a running study like this::
 
     from services.ingest.client import connect
 
-    with connect("head-node:50051", token) as client:      # token: the gateway's SURGE_API_TOKEN
+    with connect("head-node:50051", token) as client:      # token: SURGE_INGEST_TOKEN
         while (sim := client.next_simulation(study_id)) is not None:
             u = initial_state(sim.params, sim.seed)          # the solver's own code
             for k in range(len(sim.times)):
@@ -29,7 +29,6 @@ Only ``grpc`` and ``numpy`` are needed (no Ray, no torch).
 from __future__ import annotations
 
 import json
-import os
 import queue
 import threading
 import time
@@ -40,6 +39,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from services import auth
 from services.ingest import surge_pb2 as pb
 from services.ingest import surge_pb2_grpc as rpc
 
@@ -60,8 +60,10 @@ class IngestError(RuntimeError):
 
 
 def connect(address: str, token: str | None = None, *, max_message_mb: float = 64.0) -> Client:
-    """A client of the server at ``address`` (``host:port``); ``token`` defaults to ``$SURGE_API_TOKEN``."""
-    return Client(address, token if token is not None else os.environ.get("SURGE_API_TOKEN"), max_message_mb)
+    """A client of the server at ``address`` (``host:port``); ``token`` defaults to the ingest token
+    (``$SURGE_INGEST_TOKEN``, or the file named by ``$SURGE_INGEST_TOKEN_FILE``). A server with a predict
+    token wants that one on Predict calls: pass it as ``token``."""
+    return Client(address, token if token is not None else auth.secret(auth.INGEST), max_message_mb)
 
 
 class Client:

@@ -62,11 +62,12 @@ class PredictService(rpc.PredictServicer):
     def __init__(self) -> None:
         self._models: Any = None
         self._max_rows = 4096
+        self._max_values = 2**22
         self._lock = threading.Lock()
 
-    def lend(self, models: Any, max_rows: int) -> None:
+    def lend(self, models: Any, max_rows: int, max_values: int = 2**22) -> None:
         with self._lock:
-            self._models, self._max_rows = models, max_rows
+            self._models, self._max_rows, self._max_values = models, max_rows, max_values
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         models, max_rows = self._models, self._max_rows
@@ -79,6 +80,7 @@ class PredictService(rpc.PredictServicer):
             label = request.model
             spec = P.spec_of(m)
             inp = P.parse_data(request_data(request, spec), spec, max_rows)
+            P.check_answer_size(m, inp, self._max_values)
             y = P.predict(m, inp)  # (N, C_out, *grid)
             if not np.all(np.isfinite(y)):
                 raise P.PredictError(500, P.NON_FINITE_OUTPUT)

@@ -26,7 +26,6 @@ buffer; the simulation is counted failed and re-queued (at most ``solvers.max_at
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import threading
@@ -40,6 +39,7 @@ import grpc
 import numpy as np
 import ray
 
+from services.auth import TOKEN_MISSING, bearer_ok
 from services.config import IngestConfig
 from services.ingest import surge_pb2 as pb
 from services.ingest import surge_pb2_grpc as rpc
@@ -48,10 +48,9 @@ from trainer.problem import ProblemSpec
 
 log = logging.getLogger("surge.ingest")
 
-TOKEN_MISSING = "missing or invalid bearer token"
-NO_TOKEN = "ingest is disabled: the server has no API token (set SURGE_API_TOKEN)"
+NO_TOKEN = "ingest is disabled: the server has no ingest token (set SURGE_INGEST_TOKEN)"
 DTYPES = {"float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
-_OPEN_METHODS = ("/surge.v1.Predict/",)  # like REST predict, predictions need no token
+_OPEN_METHODS = ("/surge.v1.Predict/",)  # like REST predict: the predict token, when there is one
 _MIN_WINDOW = 32 * 2**20  # credit granted per stream at a time, at least (and at least one float64 field)
 _PUT_TRIES = 3
 PUT_BYTES = 32 * 2**20  # samples per buffer put: few puts for small fields, bounded memory for large ones
@@ -632,18 +631,21 @@ class IngestService(rpc.IngestServicer):
 
 
 class _TokenCheck(grpc.ServerInterceptor):
-    """``authorization: Bearer <token>`` on every call but predictions, as the gateway asks for study mutations."""
+    """``authorization: Bearer <token>``: the ingest token on Ingest and Study calls (external solvers);
+    on Predict the predict token, when the server has one (predictions are open otherwise, as on REST)."""
 
-    def __init__(self, token: str | None) -> None:
+    def __init__(self, token: str | None, predict_token: str | None = None) -> None:
         self.token = token
+        self.predict_token = predict_token
 
     def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        auth = dict(details.invocation_metadata or ()).get("authorization", "")
         if details.method.startswith(_OPEN_METHODS):
-            return continuation(details)
-        if self.token:
-            auth = dict(details.invocation_metadata or ()).get("authorization", "")
-            scheme, _, token = str(auth).partition(" ")
-            if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.token.encode()):
+            if not self.predict_token or bearer_ok(str(auth), self.predict_token):
+                return continuation(details)
+            code, msg = grpc.StatusCode.UNAUTHENTICATED, TOKEN_MISSING
+        elif self.token:
+            if bearer_ok(str(auth), self.token):
                 return continuation(details)
             code, msg = grpc.StatusCode.UNAUTHENTICATED, TOKEN_MISSING
         else:
@@ -678,6 +680,7 @@ class SurgeServer:
         self.registry = _Registry()
         self.predict = PredictService()
         self._users = 0
+        self._check = _TokenCheck(token)
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -688,7 +691,7 @@ class SurgeServer:
         ]
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="surge-grpc"),
-            interceptors=[_TokenCheck(token)],
+            interceptors=[self._check],
             options=options,
         )
         rpc.add_IngestServicer_to_server(IngestService(self.registry), self._server)
@@ -711,8 +714,10 @@ class SurgeServer:
         """The study has ended (its feed stays known, closed, so that late clients hear that it ended)."""
         feed.close(f"study {feed.study_id} has ended")
 
-    def serve_predictions(self, models: Any, max_rows: int) -> None:
-        self.predict.lend(models, max_rows)
+    def serve_predictions(self, models: Any, max_rows: int, max_values: int = 2**22, token: str | None = None) -> None:
+        """Answer Predict from ``models``; with ``token``, only calls that carry it."""
+        self._check.predict_token = token
+        self.predict.lend(models, max_rows, max_values)
 
     def stop(self, grace: float = 1.0) -> None:
         self._server.stop(grace).wait(grace + 1)

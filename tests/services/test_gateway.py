@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import shutil
@@ -509,49 +510,51 @@ def test_unservable_version_does_not_replace_a_working_one(live: tuple[TestClien
 
 
 def test_swaps_never_mix_versions_within_a_request(live: tuple[TestClient, Path]) -> None:
-    c, root = live
+    _, root = live
     n_threads = 20
-    stop = threading.Event()
-    start = threading.Barrier(n_threads + 1)
-    results: list[tuple[np.ndarray, int, int, Any]] = []
-    lock = threading.Lock()
+    # Room for every thread: this test is about swaps, not load shedding.
+    with make_client(root, predict_queue=n_threads) as c:
+        stop = threading.Event()
+        start = threading.Barrier(n_threads + 1)
+        results: list[tuple[np.ndarray, int, int, Any]] = []
+        lock = threading.Lock()
 
-    def worker(i: int) -> None:
-        params = PARAMS | {"u0": 100.0 + 20.0 * i}  # each thread its own input: crossed answers would show
-        times = [0.0, 0.01 * (i % 10)]
-        rows = rows_of(params, times)
+        def worker(i: int) -> None:
+            params = PARAMS | {"u0": 100.0 + 20.0 * i}  # each thread its own input: crossed answers would show
+            times = [0.0, 0.01 * (i % 10)]
+            rows = rows_of(params, times)
+            start.wait()
+            for _ in range(50):
+                r = predict(c, {"params": params, "times": times})
+                with lock:
+                    results.append((rows, r.status_code, int(r.headers.get("X-Model-Version", -1)), r.json()))
+                if stop.is_set():
+                    break
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(n_threads)]
+        for t in threads:
+            t.start()
         start.wait()
-        for _ in range(50):
-            r = predict(c, {"params": params, "times": times})
-            with lock:
-                results.append((rows, r.status_code, int(r.headers.get("X-Model-Version", -1)), r.json()))
-            if stop.is_set():
-                break
+        for seed in range(2, 8):
+            time.sleep(0.12)  # a bit over one poll interval: most versions get served for a while
+            publish(root, seed=seed)
+        time.sleep(0.3)
+        stop.set()
+        for t in threads:
+            t.join(30)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n_threads)]
-    for t in threads:
-        t.start()
-    start.wait()
-    for seed in range(2, 8):
-        time.sleep(0.12)  # a bit over one poll interval: most versions get served for a while
-        publish(root, seed=seed)
-    time.sleep(0.3)
-    stop.set()
-    for t in threads:
-        t.join(30)
-
-    assert len(results) >= n_threads
-    assert all(code == 200 for _, code, _, _ in results), [b for _, code, _, b in results if code != 200][:3]
-    seen = sorted({v for _, _, v, _ in results})
-    assert len(seen) >= 2, seen  # the test did see swaps
-    loaded = {v: ModelStore(root).load(NAME, v) for v in seen}
-    for rows, _, version, body in results:
-        assert body["version"] == version
-        m = loaded[version]
-        x = torch.from_numpy(SPEC.encode_inputs(rows[:, :-1], rows[:, -1]))
-        with torch.no_grad():
-            expected = Normaliser.from_dict(m.card["normalisation"]).decode(m.model(x)).numpy()
-        np.testing.assert_allclose(np.array(body["outputs"]), expected, rtol=1e-5, atol=1e-5)
+        assert len(results) >= n_threads
+        assert all(code == 200 for _, code, _, _ in results), [b for _, code, _, b in results if code != 200][:3]
+        seen = sorted({v for _, _, v, _ in results})
+        assert len(seen) >= 2, seen  # the test did see swaps
+        loaded = {v: ModelStore(root).load(NAME, v) for v in seen}
+        for rows, _, version, body in results:
+            assert body["version"] == version
+            m = loaded[version]
+            x = torch.from_numpy(SPEC.encode_inputs(rows[:, :-1], rows[:, -1]))
+            with torch.no_grad():
+                expected = Normaliser.from_dict(m.card["normalisation"]).decode(m.model(x)).numpy()
+            np.testing.assert_allclose(np.array(body["outputs"]), expected, rtol=1e-5, atol=1e-5)
 
 
 # Studies without a Ray cluster ----------------------------------------------------------------------------
@@ -597,3 +600,92 @@ def test_study_mutations_are_disabled_without_a_configured_token(store_root: Pat
             assert assert_error(r, 403) == MUTATIONS_DISABLED
         assert c.get("/healthz").status_code == 200
         assert predict(c).status_code == 200  # serving is unaffected
+
+
+# Bounded predictions -------------------------------------------------------------------------------------
+
+
+def test_an_answer_above_the_output_limit_is_413_saying_how_to_split(store_root: Path) -> None:
+    per_row = SPEC.grid[0] * SPEC.grid[1]  # one field on the grid
+    with make_client(store_root, max_predict_values=10 * per_row) as c:
+        times = [0.01 * i for i in range(11)]
+        detail = assert_error(predict(c, {"params": PARAMS, "times": times}), 413, "split the request")
+        assert f"{11 * per_row} output values" in detail and "at most 10 rows" in detail
+        # .npy in, .npy out: the same limit, the same words.
+        raw = npy(rows_of(PARAMS, times))
+        r = predict(c, raw=raw, headers={"content-type": NPY, "accept": NPY})
+        assert assert_error(r, 413) == detail
+        # As many rows as it says are answered.
+        assert predict(c, {"params": PARAMS, "times": times[:10]}).status_code == 200
+    with make_client(store_root, max_predict_values=per_row - 1) as c:
+        assert_error(predict(c), 413, f"one row of {NAME!r} predicts {per_row} values", "SURGE_MAX_PREDICT_VALUES")
+
+
+def test_json_answers_hold_the_float32_values_of_the_npy_answer(client: TestClient) -> None:
+    times = [0.0, 0.03, 0.1]
+    js = predict(client, {"params": PARAMS, "times": times}).json()
+    r = predict(client, raw=npy(rows_of(PARAMS, times)), headers={"content-type": NPY, "accept": NPY})
+    y = np.load(io.BytesIO(r.content), allow_pickle=False)
+    assert js["shape"] == list(y.shape) and js["version"] == 1 and js["model"] == NAME
+    # Exactly, value for value: JSON carries each float32 in full (read back as float32).
+    assert np.array_equal(np.asarray(js["outputs"], dtype=np.float32), y)
+
+
+def test_a_gateway_at_its_prediction_limit_sheds_load_with_503_and_retry_after(store_root: Path) -> None:
+    with make_client(store_root, predict_workers=1, predict_queue=0) as c:
+        pool = c.app.state.predict_pool
+        release = threading.Event()
+        entered = threading.Event()
+        real = pool.run
+
+        async def held(fn, *args):  # the first prediction holds its worker until the test lets it go
+            entered.set()
+            await asyncio.to_thread(release.wait, 10)
+            return await real(fn, *args)
+
+        pool.run = held
+        first: list[Any] = []
+        t = threading.Thread(target=lambda: first.append(predict(c)))
+        t.start()
+        assert entered.wait(10)
+        r = predict(c)
+        assert_error(r, 503, "limit of 1 predictions running and 0 waiting")
+        assert r.headers["Retry-After"] == "1"
+        assert c.get("/healthz").status_code == 200  # the event loop is not held by predictions
+        assert c.get(f"/v1/models/{NAME}").status_code == 200
+        release.set()
+        t.join(10)
+        pool.run = real
+        assert first[0].status_code == 200
+        assert predict(c).status_code == 200  # the place is given back
+        assert pool.admitted == 0
+        codes = metric_samples(c)
+        assert codes[("surge_predict_requests_total", frozenset({("model", "_unknown"), ("code", "503")}))] >= 1
+
+
+def test_a_predict_token_guards_predictions_only(store_root: Path) -> None:
+    with make_client(store_root, predict_token="p-token") as c:
+        r = predict(c)
+        assert assert_error(r, 401) == TOKEN_MISSING and r.headers["WWW-Authenticate"] == "Bearer"
+        assert_error(predict(c, headers=AUTH), 401)  # the admin token is another scope
+        assert predict(c, headers={"Authorization": "Bearer p-token"}).status_code == 200
+        assert c.get(f"/v1/models/{NAME}").status_code == 200 and c.get("/healthz").status_code == 200
+
+
+def test_tokens_are_read_from_files_named_in_the_environment(tmp_path: Path, monkeypatch) -> None:
+    from services.auth import SecretError
+
+    for k in ("SURGE_API_TOKEN", "SURGE_INGEST_TOKEN", "SURGE_PREDICT_TOKEN"):
+        monkeypatch.delenv(k, raising=False)
+    (tmp_path / "admin").write_text("from-a-file\n")
+    monkeypatch.setenv("SURGE_API_TOKEN_FILE", str(tmp_path / "admin"))
+    monkeypatch.setenv("SURGE_INGEST_TOKEN", "ingest-env")
+    s = GatewaySettings.from_env()
+    assert (s.api_token, s.ingest_token, s.predict_token) == ("from-a-file", "ingest-env", None)
+    (tmp_path / "empty").write_text("  \n")
+    monkeypatch.setenv("SURGE_PREDICT_TOKEN_FILE", str(tmp_path / "empty"))
+    with pytest.raises(SecretError, match=r"SURGE_PREDICT_TOKEN_FILE=.*empty"):
+        GatewaySettings.from_env()
+    monkeypatch.setenv("SURGE_PREDICT_TOKEN_FILE", str(tmp_path / "missing"))
+    with pytest.raises(SecretError, match="cannot read the token file"):
+        GatewaySettings.from_env()

@@ -7,12 +7,13 @@ import time
 from typing import Annotated, Any
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
-from starlette.concurrency import run_in_threadpool
 
 from services import metrics as M
 from services.gateway import predict as P
-from services.gateway.deps import HubDep, SettingsDep, read_body
+from services.gateway.deps import HubDep, PoolDep, PredictTokenDep, SettingsDep, read_body
+from services.gateway.pool import RETRY_AFTER_S, Overloaded
 from services.gateway.schemas import (
     ErrorPublic,
     ModelCardPublic,
@@ -22,6 +23,7 @@ from services.gateway.schemas import (
     PredictRequest,
     PredictResponse,
 )
+from services.gateway.settings import GatewaySettings
 from trainer.problem import ProblemSpec
 from trainer.store import LoadedModel
 
@@ -95,7 +97,13 @@ def get_model(name: str, hub: HubDep) -> ModelCardPublic:
 @router.post(
     "/{name}/predict",
     response_model=PredictResponse,
-    responses={**_ERRORS, 200: {"content": {NPY: {}}}},
+    responses={
+        **_ERRORS,
+        200: {"content": {NPY: {}}},
+        401: {"model": ErrorPublic, "description": "a predict token is set and the request lacks it"},
+        500: {"model": ErrorPublic, "description": "the model produced non-finite values"},
+        503: {"model": ErrorPublic, "description": "too many predictions at once; retry after Retry-After s"},
+    },
     openapi_extra={
         "requestBody": {
             "content": {
@@ -111,41 +119,67 @@ async def predict(
     request: Request,
     hub: HubDep,
     settings: SettingsDep,
+    pool: PoolDep,
+    _: PredictTokenDep,
     version: Annotated[int | None, Query(ge=1, description="a published version (default: the newest)")] = None,
 ) -> Response:
     """Predict fields for a parameter set at given times; JSON or ``application/x-npy`` in and out.
 
-    ``?version=N`` pins a published version, so that results stay reproducible while training goes on."""
+    ``?version=N`` pins a published version, so that results stay reproducible while training goes on.
+    An answer holds at most ``SURGE_MAX_PREDICT_VALUES`` output values (413 says how to split the
+    request); a gateway at its limit of concurrent predictions answers 503 with ``Retry-After``."""
     t0 = time.perf_counter()
-    label = "_unknown"
     code = 500
+    label = ["_unknown"]  # set in the worker once the model is found
     try:
-        m = _loaded(hub, name, version)  # one version for the whole request, whatever gets swapped in meanwhile
-        label = name
-        body = await read_body(request, settings.max_body_bytes)
-        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        try:
-            inp = P.parse_body(body, ctype, P.spec_of(m), settings.max_predict_rows)
-        except P.PredictError as e:
-            raise HTTPException(e.status, e.message) from None
-        y = await run_in_threadpool(P.predict, m, inp)
-        headers = {"X-Model-Version": str(m.version), "X-Model-Name": name}
+        async with pool.admit():
+            body = await read_body(request, settings.max_body_bytes)
+            ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+            npy_out = NPY in request.headers.get("accept", "")
+            content, media, headers = await pool.run(_answer, hub, name, version, body, ctype, npy_out, settings, label)
         code = 200
-        if NPY in request.headers.get("accept", ""):
-            buf = io.BytesIO()
-            np.save(buf, y, allow_pickle=False)
-            return Response(buf.getvalue(), media_type=NPY, headers=headers)
-        if not np.all(np.isfinite(y)):
-            code = 500
-            raise HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, P.NON_FINITE_OUTPUT)
-        payload = PredictResponse(model=name, version=m.version, shape=list(y.shape), outputs=y.tolist())
-        return Response(payload.model_dump_json(), media_type="application/json", headers=headers)
+        return Response(content, media_type=media, headers=headers)
+    except Overloaded as e:
+        code = status.HTTP_503_SERVICE_UNAVAILABLE
+        raise HTTPException(code, str(e), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    except P.PredictError as e:
+        code = e.status
+        raise HTTPException(e.status, e.message) from None
     except HTTPException as e:
         code = e.status_code
         raise
     finally:
-        M.PREDICT_REQUESTS.labels(label, str(code)).inc()
-        M.PREDICT_LATENCY.labels(label).observe(time.perf_counter() - t0)
+        M.PREDICT_REQUESTS.labels(label[0], str(code)).inc()
+        M.PREDICT_LATENCY.labels(label[0]).observe(time.perf_counter() - t0)
+
+
+def _answer(
+    hub: HubDep,
+    name: str,
+    version: int | None,
+    body: bytes,
+    ctype: str,
+    npy_out: bool,
+    settings: GatewaySettings,
+    label: list[str],
+) -> tuple[bytes, str, dict[str, str]]:
+    """One prediction, in a worker thread: model, parsing, the forward pass and the serialised answer."""
+    m = P.find_model(hub, name, version)  # one version for the whole request, whatever gets swapped in meanwhile
+    label[0] = name
+    inp = P.parse_body(body, ctype, m.spec, settings.max_predict_rows)
+    P.check_answer_size(m, inp, settings.max_predict_values)
+    y = P.predict(m, inp)
+    headers = {"X-Model-Version": str(m.version), "X-Model-Name": name}
+    if npy_out:
+        buf = io.BytesIO()
+        np.save(buf, y, allow_pickle=False)
+        return buf.getvalue(), NPY, headers
+    if not np.all(np.isfinite(y)):
+        raise P.PredictError(500, P.NON_FINITE_OUTPUT)
+    # orjson writes the float32 array straight from its buffer (no Python list of floats, which
+    # took about 100 bytes and a Python object per value).
+    payload = {"model": name, "version": m.version, "shape": list(y.shape), "outputs": np.ascontiguousarray(y)}
+    return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), "application/json", headers
 
 
 __all__ = ["MODEL_NOT_FOUND", "NPY", "UNSUPPORTED_TYPE", "router"]
