@@ -8,7 +8,7 @@ numpy alone. Surge's part is five calls of ``services.ingest.client``: ``connect
 Start a study that takes external solvers (``ingest.enabled: true``; ``solvers.actors: 0`` to
 let them alone feed it), then run one or more of these, on any machine that reaches the server:
 
-    SURGE_API_TOKEN=... python examples/external_solver.py heat2d-ext-1a2b3c4d --address host:50051
+    SURGE_INGEST_TOKEN=... python examples/external_solver.py heat2d-ext-1a2b3c4d --address host:50051
 
 Each process asks the study for simulations (parameters and seed come from the study's sampler)
 until the study needs no more, or ``--max-sims`` are done.
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("study_id")
     ap.add_argument("--address", default=os.environ.get("SURGE_GRPC_ADDRESS", "127.0.0.1:50051"))
-    ap.add_argument("--token", default=os.environ.get("SURGE_API_TOKEN"), help="default $SURGE_API_TOKEN")
+    ap.add_argument("--token", default=os.environ.get("SURGE_INGEST_TOKEN"), help="default $SURGE_INGEST_TOKEN")
     ap.add_argument("--max-sims", type=int, default=None, help="stop after this many simulations")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)

@@ -86,13 +86,32 @@ app.kubernetes.io/component: gateway
 {{- required "apiToken: the chart has no default API token; set apiToken.value (e.g. --set apiToken.value=$(openssl rand -hex 32)) or apiToken.existingSecret (a Secret holding it under apiToken.existingSecretKey)" .Values.apiToken.value }}
 {{- end }}
 
-{{/* Ray's token authentication (optional). */}}
-{{- define "surge.rayAuthSecretName" -}}
-{{- .Values.rayAuth.existingSecret | default (printf "%s-ray-auth" (include "surge.fullname" .)) }}
+{{/*
+Tokens the chart may generate (Ray's, the ingest token) or take as given (the predict token).
+Argument of each helper: dict with root (.), cfg (the token's values: value, existingSecret,
+existingSecretKey) and suffix (of the Secret the chart writes: <fullname>-<suffix>).
+*/}}
+{{- define "surge.secretName" -}}
+{{- .cfg.existingSecret | default (printf "%s-%s" (include "surge.fullname" .root) .suffix) }}
 {{- end }}
 
-{{- define "surge.rayAuthValue" -}}
-{{- required "rayAuth: enabled without a token; set rayAuth.value (e.g. --set rayAuth.value=$(openssl rand -hex 16)) or rayAuth.existingSecret" .Values.rayAuth.value }}
+{{- define "surge.secretKey" -}}
+{{- if .cfg.existingSecret }}{{ .cfg.existingSecretKey }}{{ else }}token{{ end }}
+{{- end }}
+
+{{/*
+The token a generated Secret holds: the given value, else the one an earlier revision stored (so
+that an upgrade keeps the nodes, the gateway and the external solvers agreeing), else a new one.
+Only secret.yaml calls it: a second call could draw a different random token.
+*/}}
+{{- define "surge.generatedToken" -}}
+{{- if .cfg.value }}
+{{- .cfg.value }}
+{{- else }}
+{{- $stored := lookup "v1" "Secret" .root.Release.Namespace (include "surge.secretName" .) }}
+{{- $previous := dig "data" "token" "" $stored }}
+{{- if $previous }}{{ b64dec $previous }}{{ else }}{{ randAlphaNum 32 }}{{ end }}
+{{- end }}
 {{- end }}
 
 {{- define "surge.rayAuthEnv" -}}
@@ -102,9 +121,20 @@ app.kubernetes.io/component: gateway
 - name: RAY_AUTH_TOKEN
   valueFrom:
     secretKeyRef:
-      name: {{ include "surge.rayAuthSecretName" . }}
-      key: {{ if .Values.rayAuth.existingSecret }}{{ .Values.rayAuth.existingSecretKey }}{{ else }}token{{ end }}
+      name: {{ include "surge.secretName" (dict "root" . "cfg" .Values.rayAuth "suffix" "ray-auth") }}
+      key: {{ include "surge.secretKey" (dict "cfg" .Values.rayAuth) }}
 {{- end }}
+{{- end }}
+
+{{/*
+Where the Ray pods find the ingest token: a file of a Secret volume, named by SURGE_INGEST_TOKEN_FILE.
+A file rather than a variable: the token then never sits in an environment that Ray's job API or
+dashboard could show, and a rotated Secret reaches running pods.
+*/}}
+{{- define "surge.secretsDir" -}}/etc/surge/secrets{{- end }}
+
+{{- define "surge.ingestTokenFile" -}}
+{{- printf "%s/ingest-token" (include "surge.secretsDir" .) }}
 {{- end }}
 
 {{- define "surge.modelStoreClaim" -}}
@@ -222,6 +252,8 @@ spec:
         {{- include "surge.commonEnv" $root | nindent 8 }}
         - name: RAY_USAGE_STATS_ENABLED
           value: "0"
+        - name: SURGE_INGEST_TOKEN_FILE
+          value: {{ include "surge.ingestTokenFile" $root }}
         {{- with $g.env }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -275,6 +307,9 @@ spec:
           mountPath: /etc/profile.d/surge-path.sh
           subPath: surge-path.sh
           readOnly: true
+        - name: secrets
+          mountPath: {{ include "surge.secretsDir" $root }}
+          readOnly: true
   volumes:
     {{- include "surge.commonVolumes" $root | nindent 4 }}
     - name: shm
@@ -285,6 +320,14 @@ spec:
       configMap:
         name: {{ include "surge.fullname" $root }}-ray-profile
         defaultMode: 292  # 0444
+    - name: secrets
+      secret:
+        secretName: {{ include "surge.secretName" (dict "root" $root "cfg" $root.Values.ingestToken "suffix" "ingest-token") }}
+        items:
+          - key: {{ include "surge.secretKey" (dict "cfg" $root.Values.ingestToken) }}
+            path: ingest-token
+        # 0440: the files belong to root and the pod's fsGroup (10001), the image user's group.
+        defaultMode: 288
   {{- with $g.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}

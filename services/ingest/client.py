@@ -147,7 +147,7 @@ class Client:
             arr = np.ascontiguousarray(arr, dtype=dt)
             req.inputs[name].CopyFrom(pb.Array(dtype=_dtype_name(arr), shape=list(arr.shape), data=arr.tobytes()))
         try:
-            r = self._predict.Predict(req, timeout=timeout)
+            r = self._predict.Predict(req, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise IngestError.of(e) from None
         return np.frombuffer(r.data, dtype="<f4").reshape(tuple(r.shape)), int(r.version)

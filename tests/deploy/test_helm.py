@@ -4,8 +4,10 @@ Helm is not on the package registries, but the ``helm-sdkpy`` wheel bundles Helm
 needs Python >= 3.12). A session fixture makes ``.venv-helm`` with python3.12 once and installs it
 there with ``kubernetes-validate``; one driver process run in that venv then lints the chart and
 renders it with several sets of values. helm-sdkpy has no ``helm template``: it renders through
-``helm install`` against a stand-in Kubernetes API server (discovery, 404 on every GET, 201 echoing
-every POST) with the in-memory release store, which is what ``helm install`` sends a cluster.
+``helm install`` against a stand-in Kubernetes API server (discovery, 404 on every GET but for the
+objects a job gives it, 201 echoing every POST) with the in-memory release store, which is what
+``helm install`` sends a cluster; the objects are what an earlier revision left, which the chart's
+``lookup`` finds (generated tokens are kept across upgrades).
 Its lint takes no values, so linting with values lints a copy of the chart whose values.yaml holds
 them. Core kinds are validated against Kubernetes' own schemas (kubernetes-validate); the CRDs
 (RayCluster, ServiceMonitor, PodMonitor) are checked for structure, and their pod templates against
@@ -14,6 +16,7 @@ the Pod schema.
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import os
@@ -39,6 +42,7 @@ CORE_KINDS = {
     "PersistentVolumeClaim",
     "ConfigMap",
     "Secret",
+    "NetworkPolicy",
 }
 CRD_KINDS = {
     "RayCluster": "ray.io/v1",
@@ -46,9 +50,11 @@ CRD_KINDS = {
     "PodMonitor": "monitoring.coreos.com/v1",
 }
 LONG_RELEASE = "a-rather-long-release-name-for-the-surge-chart"  # 46 characters
+INGEST_TOKEN_FILE = "/etc/surge/secrets/ingest-token"
 
 # Runs in .venv-helm (Python >= 3.12). stdin: {"chart": path, "jobs": {name: job}}; stdout: {name: result}.
-# job: {"op": "lint", "values_yaml": text or null} or {"op": "render", "values": {...}, "release": name}.
+# job: {"op": "lint", "values_yaml": text or null} or {"op": "render", "values": {...}, "release": name,
+# "objects": {API path: object}}.
 # lint result: {"messages": [{"severity", "path"}], "errors": n} (Helm serialises no message text);
 # render result: {"manifest": text, "k8s_errors": [...], "validated": [...]} or {"error": text}.
 DRIVER = r'''
@@ -67,6 +73,7 @@ GROUPS = {
     ("apps", "v1"): [("deployments", "Deployment", True)],
     ("autoscaling", "v2"): [("horizontalpodautoscalers", "HorizontalPodAutoscaler", True)],
     ("policy", "v1"): [("poddisruptionbudgets", "PodDisruptionBudget", True)],
+    ("networking.k8s.io", "v1"): [("networkpolicies", "NetworkPolicy", True)],
     ("ray.io", "v1"): [("rayclusters", "RayCluster", True)],
     ("monitoring.coreos.com", "v1"): [("servicemonitors", "ServiceMonitor", True),
                                       ("podmonitors", "PodMonitor", True)],
@@ -75,7 +82,10 @@ NOT_FOUND = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason"
 
 
 class StandInApi(BaseHTTPRequestHandler):
-    """Just enough of a Kubernetes API server for `helm install`: discovery, nothing exists, creates succeed."""
+    """Just enough of a Kubernetes API server for `helm install`: discovery, creates succeed, and nothing
+    exists but the job's "objects" (path -> object: what an earlier revision left, which `lookup` finds)."""
+
+    objects = {}
 
     def log_message(self, *args):
         pass
@@ -108,7 +118,15 @@ class StandInApi(BaseHTTPRequestHandler):
                     {"name": name, "singularName": kind.lower(), "namespaced": namespaced, "kind": kind,
                      "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]}
                     for name, kind, namespaced in resources]})
+        if path in self.objects:
+            return self.send(200, self.objects[path])
         return self.send(404, NOT_FOUND)
+
+    def do_PATCH(self):
+        """Helm adopting an object it finds with its release's ownership marks: the object stays as it was."""
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        path = self.path.split("?")[0].rstrip("/")
+        return self.send(200, self.objects[path]) if path in self.objects else self.send(404, NOT_FOUND)
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
@@ -159,6 +177,7 @@ async def main():
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, job in request["jobs"].items():
+            StandInApi.objects = job.get("objects") or {}
             cfg = helm.Configuration(namespace="default", kubeconfig=config)
             if job["op"] == "lint":
                 path = chart
@@ -207,6 +226,14 @@ WITH_TOKEN = {"apiToken": {"value": TOKEN}}
 EVERYTHING = {
     "apiToken": {"existingSecret": "my-token", "existingSecretKey": "api"},
     "rayAuth": {"enabled": True, "value": "ray-token"},
+    "ingestToken": {"existingSecret": "my-ingest", "existingSecretKey": "ingest"},
+    "predictToken": {"value": "predict-token"},
+    "networkPolicy": {
+        "dashboardFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ci"}}}],
+        "metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+        "ingestFrom": [{"ipBlock": {"cidr": "10.20.0.0/16", "except": ["10.20.9.0/24"]}}],
+        "ingestPorts": [50051, 50052],
+    },
     "modelStore": {"existingClaim": "shared-models"},
     "gateway": {"autoscaling": {"enabled": True}, "rayJobsAddress": "http://ray.example:8265"},
     "monitoring": {"prometheusOperator": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}}},
@@ -220,7 +247,31 @@ BAD_VALUES = {
     "gpus-as-a-word": ({"gpuWorkers": {"gpusPerWorker": "two"}}, "/gpuWorkers/gpusPerWorker"),
     "bad-pull-policy": ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
     "bad-access-mode": ({"modelStore": {"accessModes": ["ReadWriteSometimes"]}}, "/modelStore/accessModes"),
+    "unknown-network-policy-key": ({"networkPolicy": {"metricFrom": []}}, "metricFrom"),
+    "bad-peer": ({"networkPolicy": {"ingestFrom": [{"namespace": "x"}]}}, "/networkPolicy/ingestFrom/0"),
+    "bad-ingest-port": ({"networkPolicy": {"ingestPorts": [70000]}}, "/networkPolicy/ingestPorts/0"),
+    "unknown-token-key": ({"ingestToken": {"secret": "x"}}, "secret"),
 }
+
+
+def _stored_secret(name: str, token: str) -> dict:
+    """A Secret that an earlier revision of the release "surge" wrote, as the API server returns it."""
+    owner = {"meta.helm.sh/release-name": "surge", "meta.helm.sh/release-namespace": "default"}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": name,
+            "namespace": "default",
+            "labels": {"app.kubernetes.io/managed-by": "Helm"},
+            "annotations": owner,  # Helm adopts what carries its release's marks
+        },
+        "type": "Opaque",
+        "data": {"token": base64.b64encode(token.encode()).decode()},
+    }
+
+
+STORED = {"surge-ray-auth": "ray-token-of-the-last-revision", "surge-ingest-token": "ingest-token-of-the-last-revision"}
 
 JOBS: dict[str, dict[str, Any]] = {
     "lint-chart": {"op": "lint", "values_yaml": None},
@@ -232,7 +283,23 @@ JOBS: dict[str, dict[str, Any]] = {
     "long-name": {"op": "render", "values": WITH_TOKEN, "release": LONG_RELEASE},
     "no-token": {"op": "render", "values": {}},
     "both-tokens": {"op": "render", "values": {"apiToken": {"value": TOKEN, "existingSecret": "my-token"}}},
-    "ray-auth-without-token": {"op": "render", "values": _values(WITH_TOKEN, {"rayAuth": {"enabled": True}})},
+    "upgrade": {
+        "op": "render",
+        "values": WITH_TOKEN,
+        "objects": {f"/api/v1/namespaces/default/secrets/{k}": _stored_secret(k, v) for k, v in STORED.items()},
+    },
+    "given-tokens": {
+        "op": "render",
+        "values": _values(WITH_TOKEN, {"rayAuth": {"value": "given-ray"}, "ingestToken": {"value": "given-ingest"}}),
+    },
+    "unsafe": {
+        "op": "render",
+        "values": _values(WITH_TOKEN, {"rayAuth": {"enabled": False}, "networkPolicy": {"enabled": False}}),
+    },
+    **{
+        f"both-{key}": {"op": "render", "values": _values(WITH_TOKEN, {key: {"value": "v", "existingSecret": "s"}})}
+        for key in ("rayAuth", "ingestToken", "predictToken")
+    },
     **{f"bad-{k}": {"op": "render", "values": _values(WITH_TOKEN, v)} for k, (v, _) in BAD_VALUES.items()},
 }
 
@@ -345,12 +412,14 @@ def test_rendering_without_a_token_fails_naming_it(helm: dict) -> None:
     assert "apiToken.value" in error and "apiToken.existingSecret" in error
 
 
-def test_rendering_with_two_tokens_or_a_tokenless_ray_auth_fails(helm: dict) -> None:
-    assert "not both" in helm["both-tokens"]["error"]
-    assert "rayAuth.value" in helm["ray-auth-without-token"]["error"]
+@pytest.mark.parametrize("job", ["both-tokens", "both-rayAuth", "both-ingestToken", "both-predictToken"])
+def test_rendering_with_a_token_given_twice_fails(helm: dict, job: str) -> None:
+    key = "apiToken" if job == "both-tokens" else job.removeprefix("both-")
+    error = helm[job]["error"]
+    assert "not both" in error and f"{key}.value" in error and f"{key}.existingSecret" in error
 
 
-@pytest.mark.parametrize("job", ["default", "gpu", "everything", "long-name"])
+@pytest.mark.parametrize("job", ["default", "gpu", "everything", "long-name", "unsafe", "upgrade"])
 def test_core_manifests_pass_the_kubernetes_schemas(helm: dict, job: str) -> None:
     docs = _rendered(helm, job)
     assert helm[job]["k8s_errors"] == []
@@ -368,13 +437,15 @@ def test_default_release_has_every_piece(helm: dict) -> None:
     docs = _rendered(helm, "default")
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == sorted(
-        ["RayCluster", "Deployment", "Service", "PodDisruptionBudget", "PersistentVolumeClaim", "Secret"]
+        ["RayCluster", "Deployment", "Service", "PodDisruptionBudget", "PersistentVolumeClaim"]
         + ["ConfigMap"] * 3  # studies, dashboards, the Ray pods' profile script
+        + ["Secret"] * 3  # the API token, Ray's token, the ingest token
+        + ["NetworkPolicy"] * 2  # the Ray head, the Ray workers
     )
     pvc = _one(docs, "PersistentVolumeClaim")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     assert "storageClassName" not in pvc["spec"]  # the cluster's default class
-    secret = _one(docs, "Secret")
+    secret = _one(docs, "Secret", "-api-token")
     assert secret["data"] == {"token": "bm90LWEtcmVhbC10b2tlbg=="}  # base64 of TOKEN
 
 
@@ -445,7 +516,10 @@ def test_gateway_runs_the_gateway_role_against_the_head_service(helm: dict) -> N
     assert env["SURGE_RAY_JOBS_ADDRESS"] == f"http://{_one(docs, 'RayCluster')['metadata']['name']}-head-svc:8265"
     assert env["SURGE_STORE"] == "/models"
     assert env["SURGE_API_TOKEN"] == {"secretKeyRef": {"name": "surge-api-token", "key": "token"}}
-    assert "RAY_AUTH_TOKEN" not in env
+    assert env["RAY_AUTH_MODE"] == "token"
+    assert env["RAY_AUTH_TOKEN"] == {"secretKeyRef": {"name": "surge-ray-auth", "key": "token"}}
+    # The ingest token belongs to the Ray nodes; predictions are open without a predict token.
+    assert not {"SURGE_INGEST_TOKEN", "SURGE_INGEST_TOKEN_FILE", "SURGE_PREDICT_TOKEN"} & set(env)
     for probe in ("readinessProbe", "livenessProbe"):
         assert gateway[probe]["httpGet"] == {"path": "/healthz", "port": 8000}
     assert gateway["resources"]["requests"]["cpu"]  # the HPA scales on CPU utilisation of the request
@@ -469,7 +543,8 @@ def test_switches_existing_secret_claim_hpa_monitoring_and_ray_auth(helm: dict) 
     docs = _rendered(helm, "everything")
     kinds = [d["kind"] for d in docs]
     assert "PersistentVolumeClaim" not in kinds  # existingClaim
-    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"] == ["surge-ray-auth"]  # no API token one
+    # No API token Secret nor an ingest one (existingSecret): Ray's token and the predict token.
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"] == ["surge-ray-auth", "surge-predict-token"]
     deployment = _one(docs, "Deployment")
     assert "replicas" not in deployment["spec"]  # the HPA owns it
     hpa = _one(docs, "HorizontalPodAutoscaler")
@@ -495,6 +570,166 @@ def test_switches_existing_secret_claim_hpa_monitoring_and_ray_auth(helm: dict) 
     switched_off = {"ServiceMonitor", "PodMonitor", "HorizontalPodAutoscaler"}
     for job in ("default", "gpu"):
         assert not switched_off & {d["kind"] for d in _rendered(helm, job)}, job
+
+
+def _token(docs: list[dict], name: str) -> str:
+    return base64.b64decode(_one(docs, "Secret", name)["data"]["token"]).decode()
+
+
+def _all_env_values(docs: list[dict]) -> list[str]:
+    """Every literal env value of every container (init containers too) of every pod template."""
+    return [
+        str(e.get("value", ""))
+        for template in _pod_templates(docs).values()
+        for c in template["spec"]["containers"] + template["spec"].get("initContainers", [])
+        for e in c.get("env", [])
+    ]
+
+
+@pytest.mark.parametrize("job", ["default", "gpu", "long-name"])
+def test_ray_auth_is_on_by_default_with_a_generated_token(helm: dict, job: str) -> None:
+    docs = _rendered(helm, job)
+    secret = _one(docs, "Secret", "-ray-auth")["metadata"]["name"]
+    ray_token, ingest_token = _token(docs, "-ray-auth"), _token(docs, "-ingest-token")
+    for token in (ray_token, ingest_token):
+        assert len(token) == 32 and token.isalnum(), token
+    assert ray_token != ingest_token
+    templates = _pod_templates(docs)
+    assert len(templates) >= 3
+    for where, template in templates.items():
+        (container,) = template["spec"]["containers"]
+        env = _env(container)
+        assert env["RAY_AUTH_MODE"] == "token", where
+        assert env["RAY_AUTH_TOKEN"] == {"secretKeyRef": {"name": secret, "key": "token"}}, where
+
+
+def test_generated_tokens_are_kept_across_upgrades_and_given_ones_used(helm: dict) -> None:
+    """The Secrets an earlier revision stored (found by `lookup`) keep their tokens: nodes, gateway and
+    external solvers keep agreeing after `helm upgrade`."""
+    docs = _rendered(helm, "upgrade")
+    for name, token in STORED.items():
+        assert _token(docs, name) == token, name
+    docs = _rendered(helm, "given-tokens")
+    assert (_token(docs, "-ray-auth"), _token(docs, "-ingest-token")) == ("given-ray", "given-ingest")
+    annotations = _one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert "checksum/ray-auth" in annotations  # a changed token rolls the gateway
+    assert "checksum/ray-auth" not in (
+        _one(_rendered(helm, "default"), "Deployment")["spec"]["template"]["metadata"].get("annotations") or {}
+    )
+
+
+@pytest.mark.parametrize("job", ["default", "gpu", "everything", "given-tokens", "unsafe"])
+def test_ingest_token_reaches_the_ray_pods_as_a_file_only(helm: dict, job: str) -> None:
+    docs = _rendered(helm, job)
+    secret, key = ("my-ingest", "ingest") if job == "everything" else ("surge-ingest-token", "token")
+    for where, template in _pod_templates(docs).items():
+        (container,) = template["spec"]["containers"]
+        env = _env(container)
+        assert "SURGE_INGEST_TOKEN" not in env, where
+        if where.startswith("Deployment/"):
+            assert "SURGE_INGEST_TOKEN_FILE" not in env, where
+            assert not any(v.get("secret", {}).get("secretName") == secret for v in template["spec"]["volumes"])
+            continue
+        assert env["SURGE_INGEST_TOKEN_FILE"] == INGEST_TOKEN_FILE, where
+        directory, file = INGEST_TOKEN_FILE.rsplit("/", 1)
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == directory]
+        assert mount["readOnly"] is True and "subPath" not in mount, where  # subPath mounts miss rotations
+        volume = {v["name"]: v for v in template["spec"]["volumes"]}[mount["name"]]["secret"]
+        assert volume["secretName"] == secret, where
+        assert volume["items"] == [{"key": key, "path": file}], where
+        assert volume["defaultMode"] == 0o440, where  # root and the pods' fsGroup (the image user's group)
+    if job != "everything":
+        token = _token(docs, "-ingest-token")
+        assert token not in _all_env_values(docs)
+        assert token not in helm[job]["manifest"]  # only base64'd, in its Secret
+
+
+def test_predict_token_is_optional_and_only_the_gateways(helm: dict) -> None:
+    default = _rendered(helm, "default")
+    assert not [d for d in default if d["kind"] == "Secret" and "predict" in d["metadata"]["name"]]
+    docs = _rendered(helm, "everything")
+    assert _token(docs, "-predict-token") == "predict-token"
+    for where, template in _pod_templates(docs).items():
+        env = _env(template["spec"]["containers"][0])
+        if where.startswith("Deployment/"):
+            assert env["SURGE_PREDICT_TOKEN"] == {"secretKeyRef": {"name": "surge-predict-token", "key": "token"}}
+        else:
+            assert "SURGE_PREDICT_TOKEN" not in env, where
+    assert "predict-token" not in _all_env_values(docs)
+
+
+def _peers(policy: dict, port: int) -> list[dict]:
+    """The peers a NetworkPolicy admits on a TCP port (a rule without ports admits every port)."""
+    out = []
+    for rule in policy["spec"].get("ingress", []):
+        ports = rule.get("ports")
+        if ports is None or any(p["port"] <= port <= p.get("endPort", p["port"]) for p in ports):
+            assert "from" in rule, f"a rule admits anyone on {port}"
+            out += rule["from"]
+    return out
+
+
+def _policies(docs: list[dict]) -> tuple[dict, dict, dict, dict, dict]:
+    """The head's and the workers' NetworkPolicies, and the peers: gateway, Ray pods, the namespace."""
+    cluster = _one(docs, "RayCluster")["metadata"]["name"]
+    policies = {
+        d["spec"]["podSelector"]["matchLabels"].get("ray.io/node-type"): d for d in docs if d["kind"] == "NetworkPolicy"
+    }
+    assert set(policies) == {"head", "worker"}
+    for node_type, policy in policies.items():
+        # KubeRay's own labels, which a pod template cannot override; the PodMonitor selects by them too.
+        assert policy["spec"]["podSelector"] == {
+            "matchLabels": {"ray.io/cluster": cluster, "ray.io/node-type": node_type}
+        }
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+    gateway = {"podSelector": {"matchLabels": _one(docs, "Deployment")["spec"]["selector"]["matchLabels"]}}
+    ray_pods = {"podSelector": {"matchLabels": {"ray.io/cluster": cluster}}}
+    return policies["head"], policies["worker"], gateway, ray_pods, {"podSelector": {}}
+
+
+RAY_PORTS = (6379, 10001, 8076, 52365, 10002, 19999, 33333, 65535)  # GCS, client, raylet/agents, worker range, random
+
+
+def test_network_policies_admit_only_the_gateway_to_the_job_api(helm: dict) -> None:
+    docs = _rendered(helm, "default")
+    head, worker, gateway, ray_pods, namespace = _policies(docs)
+    assert _peers(head, 8265) == [gateway]  # the job API runs whatever it is sent
+    for port in RAY_PORTS:
+        assert _peers(head, port) == [ray_pods, gateway], port
+        assert _peers(worker, port) == [ray_pods], port
+    assert _peers(head, 8080) == [ray_pods, gateway, namespace]  # Prometheus scrapes the metrics port
+    assert _peers(worker, 8080) == [ray_pods, namespace]
+    assert _peers(head, 50051) == [ray_pods, gateway, namespace]  # external solvers reach a study's ingest
+    assert _peers(worker, 50051) == [ray_pods, namespace]
+    assert gateway not in _peers(worker, 8265)
+    # The ports the policies name are the ones the pods and the PodMonitor use.
+    ports = {
+        p["name"]: p["containerPort"]
+        for p in _one(docs, "RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
+    }
+    assert (ports["dashboard"], ports["metrics"], ports["gcs-server"]) == (8265, 8080, 6379)
+
+
+def test_network_policies_take_the_configured_peers(helm: dict) -> None:
+    docs = _rendered(helm, "everything")
+    head, worker, gateway, ray_pods, namespace = _policies(docs)
+    ci = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ci"}}}
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    solvers = {"ipBlock": {"cidr": "10.20.0.0/16", "except": ["10.20.9.0/24"]}}
+    assert _peers(head, 8265) == [gateway, ci]
+    assert _peers(head, 8080) == [ray_pods, gateway, monitoring] and _peers(worker, 8080) == [ray_pods, monitoring]
+    for port in (50051, 50052):
+        assert _peers(head, port) == [ray_pods, gateway, solvers] and _peers(worker, port) == [ray_pods, solvers]
+    assert namespace not in _peers(head, 8080) + _peers(head, 50051)
+
+
+def test_switching_ray_auth_and_network_policies_off(helm: dict) -> None:
+    docs = _rendered(helm, "unsafe")
+    assert "NetworkPolicy" not in {d["kind"] for d in docs}
+    assert not [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-ray-auth")]
+    for where, template in _pod_templates(docs).items():
+        env = _env(template["spec"]["containers"][0])
+        assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & set(env), where
 
 
 @pytest.mark.parametrize("case", sorted(BAD_VALUES))

@@ -22,10 +22,12 @@ from tests.deploy.promql import dashboard_exprs, metric_names, panels, substitut
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 COMPOSE = ROOT / "docker-compose.yml"
+DASHBOARD_OVERRIDE = DEPLOY / "compose.ray-dashboard.yml"
 PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
 DASHBOARDS = sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
 DATASOURCE_UID = "prometheus"
-COMPOSE_SECRETS = ("SURGE_API_TOKEN", "RAY_AUTH_TOKEN", "GRAFANA_ADMIN_PASSWORD")
+COMPOSE_SECRETS = ("SURGE_API_TOKEN", "SURGE_INGEST_TOKEN", "RAY_AUTH_TOKEN", "GRAFANA_ADMIN_PASSWORD")
+COMPOSE_OPTIONAL = ("SURGE_PREDICT_TOKEN",)
 
 # Ray's own metrics the dashboards may use: each seen on Ray 2.60's metrics export port (head and
 # worker nodes) while actors run, and each present without special events (no restart counters).
@@ -331,15 +333,19 @@ def test_compose_workers_scale_and_secrets_have_no_default() -> None:
         assert re.search(rf"\$\{{{var}:\?", text), f"{var} must be required (${{{var}:?message}}), never defaulted"
 
 
-def _compose_config(env: dict[str, str], tmp: Path) -> subprocess.CompletedProcess:
+def _compose_config(
+    env: dict[str, str], tmp: Path, *overrides: Path, quiet: bool = True
+) -> subprocess.CompletedProcess:
     exe = shutil.which("docker-compose")
     if exe is None:
         pytest.skip("docker-compose is not installed (Debian package `docker-compose`)")
     empty = tmp / "empty.env"  # keep a developer's .env out of the check
     empty.write_text("")
-    base = {k: v for k, v in os.environ.items() if k not in COMPOSE_SECRETS and not k.startswith("COMPOSE_")}
+    secrets = (*COMPOSE_SECRETS, *COMPOSE_OPTIONAL)
+    base = {k: v for k, v in os.environ.items() if k not in secrets and not k.startswith("COMPOSE_")}
+    files = [arg for f in (COMPOSE, *overrides) for arg in ("-f", str(f))]
     return subprocess.run(
-        [exe, "--env-file", str(empty), "-f", str(COMPOSE), "--project-directory", str(ROOT), "config", "-q"],
+        [exe, "--env-file", str(empty), *files, "--project-directory", str(ROOT), "config", *(["-q"] * quiet)],
         env={**base, **env},
         capture_output=True,
         text=True,
@@ -347,8 +353,31 @@ def _compose_config(env: dict[str, str], tmp: Path) -> subprocess.CompletedProce
     )
 
 
+def _compose_services(tmp: Path, *overrides: Path, **env: str) -> dict[str, dict]:
+    """The services as compose resolves them (files merged, variables substituted)."""
+    r = _compose_config({**{v: f"{v.lower()}-value" for v in COMPOSE_SECRETS}, **env}, tmp, *overrides, quiet=False)
+    assert r.returncode == 0, r.stderr
+    return yaml.safe_load(r.stdout)["services"]
+
+
+def _published(service: dict) -> list[tuple[str, int, int]]:
+    """(host address, host port, container port) of each published port, in compose's short or long form."""
+    out = []
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            if port.get("published") is not None:
+                out.append((port.get("host_ip", "0.0.0.0"), int(port["published"]), int(port["target"])))
+            continue
+        *host, target = str(port).split("/")[0].split(":")
+        if host:
+            out.append((host[0] if len(host) == 2 else "0.0.0.0", int(host[-1]), int(target)))
+    return out
+
+
 def test_compose_config_is_valid_with_the_secrets(tmp_path: Path) -> None:
     r = _compose_config({v: "x" for v in COMPOSE_SECRETS}, tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = _compose_config({v: "x" for v in COMPOSE_SECRETS}, tmp_path, DASHBOARD_OVERRIDE)
     assert r.returncode == 0, r.stderr
 
 
@@ -357,3 +386,40 @@ def test_compose_config_refuses_to_run_without_a_secret(missing: str, tmp_path: 
     r = _compose_config({v: "x" for v in COMPOSE_SECRETS if v != missing}, tmp_path)
     assert r.returncode != 0
     assert f"set {missing}" in r.stderr, r.stderr
+
+
+def test_compose_publishes_the_job_api_only_with_the_override_and_on_loopback(tmp_path: Path) -> None:
+    """Ray's job API runs whatever it is sent: the host gets it only when asked for, and only on 127.0.0.1."""
+    services = _compose_services(tmp_path)
+    assert "ports" not in services["ray-head"]  # the gateway reaches it over the compose network
+    for name, service in services.items():
+        assert 8265 not in {p for _, host, target in _published(service) for p in (host, target)}, name
+    services = _compose_services(tmp_path, DASHBOARD_OVERRIDE)
+    assert _published(services["ray-head"]) == [("127.0.0.1", 8265, 8265)]
+    for name, service in services.items():
+        if name != "ray-head":
+            assert 8265 not in {host for _, host, _ in _published(service)}, name
+    # The override changes nothing else of the head.
+    base = _compose_services(tmp_path)
+    services["ray-head"].pop("ports")
+    assert set(services) == set(base) and services["ray-head"] == base["ray-head"]
+
+
+def test_compose_ingest_token_goes_to_the_ray_nodes_only(tmp_path: Path) -> None:
+    """Study drivers run on the Ray nodes and check external solvers with it; nothing else gets it."""
+    services = _compose_services(tmp_path)
+    token = "surge_ingest_token-value"
+    have = {name for name, s in services.items() if token in json.dumps(s.get("environment", {}))}
+    assert have == {"ray-head", "ray-worker"}
+    for name in have:
+        assert services[name]["environment"]["SURGE_INGEST_TOKEN"] == token, name
+    assert "SURGE_INGEST_TOKEN" not in services["gateway"]["environment"]
+
+
+def test_compose_predict_token_is_optional_and_the_gateways(tmp_path: Path) -> None:
+    assert "${SURGE_PREDICT_TOKEN:-}" in COMPOSE.read_text()
+    services = _compose_services(tmp_path)
+    assert services["gateway"]["environment"]["SURGE_PREDICT_TOKEN"] in ("", None)  # empty: predictions open
+    services = _compose_services(tmp_path, SURGE_PREDICT_TOKEN="predict-value")
+    assert services["gateway"]["environment"]["SURGE_PREDICT_TOKEN"] == "predict-value"
+    assert [n for n, s in services.items() if "predict-value" in json.dumps(s.get("environment", {}))] == ["gateway"]

@@ -215,3 +215,31 @@ def test_predictions_need_no_token_but_ingest_does(both) -> None:
     with pytest.raises(IngestError) as e:
         client.next_simulation("any")
     assert e.value.code == grpc.StatusCode.PERMISSION_DENIED and e.value.message == NO_TOKEN
+
+
+def test_scopes_a_predict_token_guards_predict_and_the_ingest_token_only_ingest(tmp_path: Path) -> None:
+    from services.auth import TOKEN_MISSING
+
+    root = tmp_path / "store"
+    _publish(root)
+    settings = GatewaySettings(store=root, poll_interval_s=0.2)
+    with TestClient(create_app(settings, manager=None)) as rest:
+        srv = serve("127.0.0.1", 0, token="ingest-t", max_message_bytes=MAX_BODY)
+        srv.serve_predictions(rest.app.state.hub, MAX_ROWS, 2**22, token="predict-t")
+        try:
+            for token in (None, "ingest-t"):
+                with connect(srv.address, token or "") as c, pytest.raises(IngestError) as e:
+                    c.predict("heat2d", params=PARAMS, times=[0.0])
+                assert e.value.code == grpc.StatusCode.UNAUTHENTICATED and e.value.message == TOKEN_MISSING
+            with connect(srv.address, "predict-t") as c:
+                assert c.predict("heat2d", params=PARAMS, times=[0.0])[1] == 1
+                with pytest.raises(IngestError) as e:  # the predict token opens no ingest call
+                    c.next_simulation("any")
+                assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+            # An answer above the output limit: RESOURCE_EXHAUSTED, with REST's words.
+            srv.serve_predictions(rest.app.state.hub, MAX_ROWS, 10, token=None)
+            with connect(srv.address, "") as c, pytest.raises(IngestError) as e:
+                c.predict("heat2d", params=PARAMS, times=[0.0])
+            assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "SURGE_MAX_PREDICT_VALUES" in e.value.message
+        finally:
+            release(srv)

@@ -1,0 +1,155 @@
+"""A real ``surge serve`` process at its limits: bounded memory, an event loop that stays free.
+
+Three requests at once at every limit (the most rows, the most output values, JSON and .npy),
+against a model whose rows are large (a 64 x 64 field each, so the output limit binds before the
+row limit). The gateway's peak resident memory (``VmHWM`` of its process) must stay under 1.5 GB,
+and ``/healthz`` must keep answering while the predictions run (an event loop busy serialising
+JSON answered it after 21.9 s, when Kubernetes' liveness probe gives up after 5 s).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+import solvers
+from trainer.loop import LoopStats, Normaliser, make_card
+from trainer.models import build_model
+from trainer.problem import ProblemSpec
+from trainer.store import ModelStore
+
+SOLVER_CFG = {"n": 64, "steps": 10, "dt": 0.001}
+PARAMS = {"u0": 300.0, "t_left": 200.0, "t_right": 400.0, "t_bottom": 100.0, "t_top": 500.0}
+MAX_VALUES = 2**22  # the default limit
+PER_ROW = 64 * 64
+ROWS = MAX_VALUES // PER_ROW  # 1024 rows: the most one answer may hold
+PEAK_LIMIT_BYTES = 1.5 * 2**30
+SERVE = "import sys; from services.cli import main; sys.exit(main())"  # `surge serve` with this interpreter
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc status")
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+    root = tmp_path_factory.mktemp("limits") / "store"
+    spec = ProblemSpec.from_solver(solvers.get("heat2d", **SOLVER_CFG), SOLVER_CFG)
+    arch = {"hidden": 64, "layers": 2}
+    card = make_card(
+        problem=spec.to_dict(),
+        model_name="mlp",
+        arch=arch,
+        in_channels=spec.in_features,
+        out_channels=1,
+        grid=spec.grid,
+        norm=Normaliser(300.0, 100.0),
+        stats=LoopStats(step=1, samples_seen=1, validation_error=0.5),
+        study_id="limits",
+    )
+    torch.manual_seed(0)
+    ModelStore(root).publish("big", build_model("mlp", spec.in_features, 1, spec.grid, **arch), card)
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SURGE_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVE, "serve", "--store", str(root), "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "gateway exited"
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "gateway did not start"
+            time.sleep(0.2)
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_three_requests_at_every_limit_keep_memory_bounded_and_healthz_answering(gateway) -> None:
+    url, pid = gateway
+    times = list(np.linspace(0.0, 0.01, ROWS))
+    rows = np.array([[*PARAMS.values(), t] for t in times])
+    buf = io.BytesIO()
+    np.save(buf, rows)
+    npy_body = buf.getvalue()
+    stop = threading.Event()
+    health: list[tuple[int, float]] = []
+
+    def probe() -> None:
+        with httpx.Client(timeout=30) as c:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                r = c.get(f"{url}/healthz")
+                health.append((r.status_code, time.perf_counter() - t0))
+                time.sleep(0.02)
+
+    def json_request(_: int) -> tuple[int, int]:
+        r = httpx.post(f"{url}/v1/models/big/predict", json={"params": PARAMS, "times": times}, timeout=120)
+        return r.status_code, len(r.content)
+
+    def npy_request(_: int) -> tuple[int, int]:
+        r = httpx.post(
+            f"{url}/v1/models/big/predict",
+            content=npy_body,
+            headers={"content-type": "application/x-npy", "accept": "application/x-npy"},
+            timeout=120,
+        )
+        return r.status_code, len(r.content)
+
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
+    try:
+        with ThreadPoolExecutor(3) as ex:
+            for _ in range(2):
+                answers = list(ex.map(json_request, range(3))) + list(ex.map(npy_request, range(3)))
+                assert [code for code, _ in answers] == [200] * 6, answers
+                assert all(size >= ROWS * PER_ROW * 4 for _, size in answers)  # whole answers, not cut
+            # One row more than the limit is refused, not computed.
+            r = httpx.post(f"{url}/v1/models/big/predict", json={"params": PARAMS, "times": [*times, 0.0]})
+            assert r.status_code == 413 and f"at most {ROWS} rows" in r.json()["detail"]
+    finally:
+        stop.set()
+        prober.join(30)
+    peak = _peak_rss(pid)
+    worst = max(s for _, s in health)
+    print(f"peak RSS {peak / 2**20:.0f} MiB; /healthz {len(health)} probes, slowest {worst * 1e3:.0f} ms")
+    assert peak < PEAK_LIMIT_BYTES, f"gateway peak RSS {peak / 2**20:.0f} MiB"
+    assert health and all(code == 200 for code, _ in health)
+    # Loose on purpose (a shared 2-core machine): an event loop held by predictions took seconds.
+    assert worst < 2.0, f"/healthz took {worst:.2f} s while predictions ran"
