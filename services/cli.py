@@ -197,7 +197,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.ray_jobs_address:
         from services.jobs import RayJobStudies
 
-        manager = RayJobStudies(settings.ray_jobs_address, settings.store)
+        manager = RayJobStudies(settings.ray_jobs_address, settings.store, settings.max_running_studies)
     elif args.address:
         from services.study import StudyManager
 

@@ -9,6 +9,7 @@ a Ray connection — it keeps serving models when the cluster is gone.
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 import time
 import uuid
@@ -21,6 +22,7 @@ from services.snapshot import StudySnapshot, StudyState
 from services.study import StudiesUnavailable
 
 CONFIG_ENV = "SURGE_STUDY_CONFIG"
+log = logging.getLogger("surge.jobs")
 SUBMIT_PATIENCE_S = 60.0
 RESUME_PATIENCE_S = 30.0  # for the job of a driver that has reported its end to exit
 _JOB_STATES = {
@@ -39,9 +41,10 @@ def _job_state(job: Any) -> str:
 class RayJobStudies:
     """The gateway's study backend on a Ray cluster (``SURGE_RAY_JOBS_ADDRESS``, the job API's http address)."""
 
-    def __init__(self, address: str, store: str | Path) -> None:
+    def __init__(self, address: str, store: str | Path, max_running: int | None = None) -> None:
         self.address = address
         self.store = Path(store)
+        self.max_running = max_running
 
     def _client(self) -> Any:
         from ray.job_submission import JobSubmissionClient
@@ -52,6 +55,7 @@ class RayJobStudies:
             raise StudiesUnavailable(f"cannot reach the Ray cluster's job API at {self.address}: {e}") from None
 
     def submit(self, config: StudyConfig) -> dict[str, Any]:
+        self._check_limit()
         study_id = f"{config.name}-{uuid.uuid4().hex[:8]}"
         entrypoint = (
             f"surge train --config-env {CONFIG_ENV} --study-id {shlex.quote(study_id)} "
@@ -84,6 +88,19 @@ class RayJobStudies:
                     continue
                 raise StudiesUnavailable(f"the Ray cluster refused the study: {e}") from None
 
+    def _check_limit(self) -> None:
+        """``StudyLimitError`` when ``max_running`` studies are starting or running on the cluster.
+
+        Counted from the cluster's jobs, so it holds for every gateway replica; two replicas
+        submitting at the same instant may still both pass (the job API has no transaction)."""
+        if self.max_running is None:
+            return
+        from services.study import StudyLimitError
+
+        running = sum(s.get("state") in ("starting", "running") for s in self.statuses())
+        if running >= self.max_running:
+            raise StudyLimitError(f"{running} studies are running already (limit {self.max_running})")
+
     def _snapshot_file(self, study_id: str) -> dict[str, Any] | None:
         f = self.store / PROGRESS_DIR / f"{study_id}.json"
         try:
@@ -100,7 +117,11 @@ class RayJobStudies:
         snap = self._snapshot_file(study_id)
         if snap is None:
             error = job.message if state == "failed" else None
-            config = parse_config(json.loads(meta["surge_config"]))
+            try:
+                config = parse_config(json.loads(meta["surge_config"]))
+            except (ValueError, TypeError) as e:  # a job of an older Surge, or metadata not ours
+                log.warning("Ray job %s: study metadata unreadable, not listed: %s", job.submission_id, e)
+                return None
             return StudySnapshot.pending(study_id, config, state, error).to_dict()
         # The job's status wins when the driver could not report its own end (killed, crashed).
         if state in ("failed", "stopped") and snap.get("state") in ("starting", "running"):
@@ -156,6 +177,7 @@ class RayJobStudies:
         config = resumable_config(self.store, study_id)
         if config is None:
             raise StudyNotResumable(f"study {study_id!r} has no state in {self.store} to resume from")
+        self._check_limit()
         entrypoint = f"surge resume {shlex.quote(study_id)} --store {shlex.quote(str(self.store))}"
         self._submit(entrypoint, f"{study_id}-resume-{uuid.uuid4().hex[:6]}", config, study_id)
         return StudySnapshot.pending(study_id, config, StudyState.STARTING).to_dict()

@@ -713,7 +713,9 @@ class StudyManager:
             study = Study(config, self.store_root, ingest_token=self.ingest_token)
             study.release_when_done = True
             self._studies[study.id] = study
-        return study.start()
+            # Started under the lock (start only launches its thread): counted as running before
+            # a concurrent start counts, so that two requests cannot both take the last place.
+            return study.start()
 
     def resume(self, study_id: str) -> dict[str, Any] | None:
         """Go on with a study of the store whose driver stopped (this process's, or one that died)."""

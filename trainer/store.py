@@ -29,6 +29,20 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _VERSION = re.compile(r"^\d{6}$")
 
 
+STALE_TMP_S = 3600.0  # a publisher's temporary directory older than this was left by one that died
+
+
+def _clean_stale(d: Path) -> None:
+    """Remove ``.tmp-*`` directories that publishers killed mid-write left behind."""
+    now = time.time()
+    for p in d.glob(".tmp-*"):
+        try:
+            if now - p.stat().st_mtime > STALE_TMP_S:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:  # another publisher removed it meanwhile
+            pass
+
+
 class StoreError(RuntimeError):
     """A checkpoint is missing, foreign or corrupt."""
 
@@ -96,14 +110,20 @@ class ModelStore:
         tensors = {
             k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)
         }
+        _clean_stale(d)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=d))
+        # mkdtemp makes it 0700: a gateway running under another uid (a container sharing the
+        # volume) could not read the version once it is renamed into place.
+        os.chmod(tmp, 0o755)
         try:
             save_file(tensors, str(tmp / "weights.safetensors"))
+            os.chmod(tmp / "weights.safetensors", 0o644)  # safetensors writes it 0600
             # Two writers may race for a number: mkdir-free rename fails on an existing target, then retry.
             for _ in range(100):
                 version = (self.latest(name) or 0) + 1
                 full = {**card, "name": name, "version": version, "created_at": time.time()}
                 (tmp / "card.json").write_text(json.dumps(full, indent=2, sort_keys=True))
+                os.chmod(tmp / "card.json", 0o644)  # whatever the publisher's umask
                 try:
                     os.rename(tmp, d / f"{version:06d}")
                     return version

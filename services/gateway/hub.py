@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from services import metrics as M
 from trainer.store import LoadedModel, ModelStore, StoreError
 
 PINNED_KEPT = 4  # older versions kept loaded for clients that pin one
+REJECTED_RETRY_S = 30.0
 
 log = logging.getLogger("surge.gateway")
 
@@ -61,7 +63,9 @@ class ModelHub:
         self.store = ModelStore(store_root)
         self.poll_interval_s = poll_interval_s
         self._models: dict[str, LoadedModel] = {}
-        self._rejected: dict[str, int] = {}  # newest version found unservable, per name (not retried)
+        # Newest version found unservable, per name, and when: tried again after REJECTED_RETRY_S (the
+        # cause may pass: a shared volume that had not synced every file yet).
+        self._rejected: dict[str, tuple[int, float]] = {}
         self._lock = threading.Lock()
         self._pinned: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
         self._stop = threading.Event()
@@ -114,15 +118,16 @@ class ModelHub:
             current = self._models.get(n)
             if latest is None or (current is not None and current.version >= latest):
                 continue
-            if self._rejected.get(n) == latest:
+            rejected = self._rejected.get(n)
+            if rejected is not None and rejected[0] == latest and time.monotonic() - rejected[1] < REJECTED_RETRY_S:
                 continue
             try:
                 loaded = self.store.load(n, latest)
                 check_servable(loaded)
             except StoreError as e:
                 # A broken checkpoint must not take down what is being served.
-                self._rejected[n] = latest
-                log.warning("not serving %s: %s", n, e)
+                self._rejected[n] = (latest, time.monotonic())
+                log.warning("not serving %s: %s (tried again in %.0f s)", n, e, REJECTED_RETRY_S)
                 continue
             with self._lock:
                 cur = self._models.get(n)

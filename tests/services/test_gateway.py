@@ -484,6 +484,22 @@ def test_corrupt_version_does_not_break_serving(live: tuple[TestClient, Path], h
     assert wait_for_version(c, 4).headers["X-Model-Version"] == "4"
 
 
+def test_a_rejected_version_is_tried_again_later(live: tuple[TestClient, Path], monkeypatch) -> None:
+    # The cause of a rejection may pass (a shared volume that had not synced every file yet).
+    from services.gateway import hub as H
+
+    c, root = live
+    publish(root, seed=2)
+    assert wait_for_version(c, 2).headers["X-Model-Version"] == "2"
+    good = (root / NAME / "000002" / "weights.safetensors").read_bytes()
+    _corrupt(root, "garbage-weights")
+    time.sleep(0.4)  # several polls: rejected, version 2 still served
+    assert predict(c).headers["X-Model-Version"] == "2"
+    monkeypatch.setattr(H, "REJECTED_RETRY_S", 0.2)
+    (root / NAME / "000003" / "weights.safetensors").write_bytes(good)  # the files are whole now
+    assert wait_for_version(c, 3).headers["X-Model-Version"] == "3"
+
+
 def _unservable(root: Path, how: str) -> None:
     """Write version 2 as a checkpoint that loads (weights fit the card) but cannot answer a prediction."""
     tmp = root / NAME / ".tmp-bad"

@@ -63,3 +63,34 @@ def test_corrupt_and_foreign_checkpoints_raise_store_error(tmp_path) -> None:
 def test_bad_names_are_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="model name"):
         ModelStore(tmp_path).publish("../evil", _model(), CARD)
+
+
+def test_published_versions_are_readable_by_other_users(tmp_path) -> None:
+    # A gateway running under another uid (a container sharing the volume) must read them.
+    import stat
+
+    store = ModelStore(tmp_path)
+    store.publish("a", _model(), CARD)
+    d = tmp_path / "a" / "000001"
+    assert stat.S_IMODE(d.stat().st_mode) == 0o755
+    assert all(stat.S_IMODE(f.stat().st_mode) & 0o004 for f in d.iterdir())
+
+
+def test_temporary_directories_of_dead_publishers_are_removed(tmp_path) -> None:
+    import os
+    import time
+
+    from trainer.store import STALE_TMP_S
+
+    store = ModelStore(tmp_path)
+    store.publish("a", _model(), CARD)
+    old, fresh = tmp_path / "a" / ".tmp-dead", tmp_path / "a" / ".tmp-writing"
+    for d in (old, fresh):
+        d.mkdir()
+        (d / "weights.safetensors").write_bytes(b"partial")
+    past = time.time() - STALE_TMP_S - 60
+    os.utime(old, (past, past))
+    assert store.publish("a", _model(), CARD) == 2
+    assert not old.exists()  # left by a publisher killed mid-write
+    assert fresh.exists()  # may be another publisher at work
+    assert store.versions("a") == [1, 2]
