@@ -41,7 +41,7 @@ from services.snapshot import (
     StudyState,
     TrainingFigures,
 )
-from services.training import WorkerInputs, train_worker, validation_set
+from services.training import WorkerInputs, train_worker, validation_fingerprint, validation_set
 from trainer.dataset import Dataset
 from trainer.problem import ProblemSpec
 
@@ -181,7 +181,7 @@ class Study:
                     for _ in range(n_actors)
                 ]
                 teardown.callback(self._kill_solvers)
-                trainer = self._make_trainer(ray.put((x_val, y_val)))
+                trainer = self._make_trainer(ray.put((x_val, y_val)), validation_fingerprint(x_val, y_val))
 
                 def fit() -> None:
                     try:
@@ -318,7 +318,7 @@ class Study:
         self.ingest_address = self._grpc.address
         log.info("study %s: external solvers stream in over gRPC at %s", self.id, self.ingest_address)
 
-    def _make_trainer(self, validation_ref: ray.ObjectRef) -> Any:
+    def _make_trainer(self, validation_ref: ray.ObjectRef, validation_key: str | None = None) -> Any:
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -333,6 +333,7 @@ class Study:
             seed=self.config.sampler.seed,
             dataset=str(Path(self.config.dataset).resolve()) if self.config.dataset else None,
             record_keys=self.record_keys,
+            validation_set=validation_key,
         )
         # Ray Train's own files live with the study's (a store every node of a cluster shares), not in /tmp.
         storage = self.dir / "ray-train"

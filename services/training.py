@@ -51,6 +51,7 @@ class WorkerInputs:
     study_id: str
     seed: int
     dataset: str | None = None
+    validation_set: str | None = None  # fingerprint of the validation arrays (see validation_fingerprint)
     record_keys: bool = False  # ranks report the (sim_id, t_index) keys they trained on (tests)
 
 
@@ -233,9 +234,10 @@ def train_worker(config: dict[str, Any]) -> None:
                 stats=s,  # samples_seen counts every rank's samples
                 study_id=inp.study_id,
                 field_input=spec.field_input,
+                validation_set=inp.validation_set,
             )
             version = store.publish(inp.model_name, net, card)
-            store.prune(inp.model_name, t.keep_versions)
+            store.prune(inp.model_name, t.keep_versions, inp.study_id)
             metrics["version"] = version
             ray.get(control.report_training.remote(metrics))
         numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
@@ -290,6 +292,16 @@ def train_worker(config: dict[str, Any]) -> None:
     ray.get(control.report_rank.remote(rank, state))
     if rank == 0:
         ray.get(control.report_training.remote({"finished": True}))
+
+
+def validation_fingerprint(x: np.ndarray, y: np.ndarray) -> str:
+    """A short hash of the validation arrays: two studies validated on the same simulations share it."""
+    h = hashlib.sha256()
+    for a in (x, y):
+        a = np.ascontiguousarray(a)
+        h.update(str((a.dtype.str, a.shape)).encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()[:16]
 
 
 def validation_set(spec: ProblemSpec, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -361,8 +361,10 @@ def make_card(
     stats: LoopStats,
     study_id: str,
     field_input: bool = False,
+    validation_set: str | None = None,
 ) -> dict[str, Any]:
-    """The model card (see DESIGN: model store)."""
+    """The model card (see DESIGN: model store). ``validation_set`` fingerprints the simulations the
+    validation error was measured on: errors of two versions compare only when it is the same."""
     return {
         "problem": problem,
         "model": {
@@ -381,6 +383,7 @@ def make_card(
         "train_loss": _finite_or_none(stats.loss),
         "validation_error": _finite_or_none(stats.validation_error),
         "study_id": study_id,
+        "validation_set": validation_set,
         "format": "safetensors",
     }
 

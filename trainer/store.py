@@ -3,16 +3,24 @@
 A version directory is written under a temporary name and renamed into place,
 so a reader never sees a half-written checkpoint. Weights are safetensors,
 never pickle; the card carries everything needed to rebuild the model.
+
+``<root>/<name>/served.json`` is the name's served alias: the version a gateway serves. It moves
+when a newly published version is no worse on the same validation set (``offer``), or on an
+explicit ``promote``; so a new study under an existing name does not replace a finished model
+with its first, barely trained checkpoint.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -29,6 +37,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _VERSION = re.compile(r"^\d{6}$")
 
 
+SERVED = "served.json"  # the served alias of a name: {"version": N, "reason": ..., "at": ...}
 STALE_TMP_S = 3600.0  # a publisher's temporary directory older than this was left by one that died
 
 
@@ -126,9 +135,10 @@ class ModelStore:
                 os.chmod(tmp / "card.json", 0o644)  # whatever the publisher's umask
                 try:
                     os.rename(tmp, d / f"{version:06d}")
-                    return version
                 except OSError:
                     continue
+                self.offer(name, version)
+                return version
             raise StoreError(f"could not publish a new version of {name!r}")
         finally:
             if tmp.exists():
@@ -178,7 +188,90 @@ class ModelStore:
         model.eval()
         return LoadedModel(name=name, version=version, card=card, model=model)
 
-    def prune(self, name: str, keep: int) -> None:
-        """Delete all but the newest ``keep`` versions (readers holding a loaded model are unaffected)."""
-        for v in self.versions(name)[:-keep]:
-            shutil.rmtree(self.root / name / f"{v:06d}", ignore_errors=True)
+    # The served alias ------------------------------------------------------------------------------
+
+    def served(self, name: str) -> int | None:
+        """The version the name's served alias points at (``<name>/served.json``), if it still exists.
+
+        ``None`` for a name without an alias (a store written before there was one): readers then
+        serve the newest version."""
+        if not _NAME.match(name):
+            return None
+        try:
+            v = int(json.loads((self.root / name / SERVED).read_text())["version"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return v if (self.root / name / f"{v:06d}" / "card.json").is_file() else None
+
+    def offer(self, name: str, version: int) -> bool:
+        """Point the served alias at a just-published ``version`` if it is no worse than the served one.
+
+        Comparable only on the same validation set (the card's ``validation_set`` fingerprint) and
+        with a measured error: a version of a study validated on other simulations, or not validated
+        yet, moves the alias only by an explicit ``promote``. A name without a served version gets
+        this one. Returns whether the alias moved."""
+        with self._lock(name):
+            cur = self.served(name)
+            if cur is not None and cur != version:
+                try:
+                    new = self.card(name, version)
+                except StoreError:  # never point the alias at a version whose card cannot be read
+                    return False
+                try:
+                    old = self.card(name, cur)
+                except StoreError:  # the served card is unreadable: anything readable is better
+                    old = {"validation_set": new.get("validation_set"), "validation_error": None}
+                err, cur_err = new.get("validation_error"), old.get("validation_error")
+                if new.get("validation_set") != old.get("validation_set") or err is None:
+                    return False
+                if cur_err is not None and err > cur_err:
+                    return False
+            self._write_served(name, version, "validation" if cur is not None else "first")
+            return True
+
+    def promote(self, name: str, version: int) -> int | None:
+        """Point the served alias at ``version`` whatever its error; returns the version served before."""
+        if version not in self.versions(name):
+            raise StoreError(f"model {name!r} has no version {version}")
+        with self._lock(name):
+            before = self.served(name)
+            self._write_served(name, version, "promoted")
+        return before
+
+    def _write_served(self, name: str, version: int, reason: str) -> None:
+        d = self.root / name
+        tmp = d / f".{SERVED}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({"version": version, "reason": reason, "at": time.time()}))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, d / SERVED)  # readers see the old alias or the new one, never half of one
+
+    @contextmanager
+    def _lock(self, name: str) -> Iterator[None]:
+        """Serialise alias changes of one name across processes (publishers on several nodes, the gateway)."""
+        d = self.root / name
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def prune(self, name: str, keep: int, study_id: str | None = None) -> None:
+        """Delete all but the newest ``keep`` versions (of ``study_id``'s only, when given).
+
+        Never the served version, and never another study's: two studies on one name do not
+        delete each other's versions. Readers holding a loaded model are unaffected."""
+        served = self.served(name)
+        mine = []
+        for v in self.versions(name):
+            if study_id is not None:
+                try:
+                    if self.card(name, v).get("study_id") != study_id:
+                        continue
+                except StoreError:
+                    continue
+            mine.append(v)
+        for v in mine[:-keep]:
+            if v != served:
+                shutil.rmtree(self.root / name / f"{v:06d}", ignore_errors=True)

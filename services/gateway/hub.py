@@ -1,4 +1,4 @@
-"""The models being served: loaded once, swapped in when the store holds a newer version.
+"""The models being served: loaded once, swapped in when the store's served alias moves.
 
 A request takes a reference to one ``LoadedModel`` and keeps it for its whole life, so a
 swap never affects an in-flight request; the old model is freed when the last one ends.
@@ -114,9 +114,10 @@ class ModelHub:
     def refresh(self, name: str | None = None) -> None:
         """Load any newer version found in the store (all names, or one)."""
         for n in [name] if name else self.store.names():
-            latest = self.store.latest(n)
+            # The served alias (promotion), or the newest version in a store without one.
+            latest = self.store.served(n) or self.store.latest(n)
             current = self._models.get(n)
-            if latest is None or (current is not None and current.version >= latest):
+            if latest is None or (current is not None and current.version == latest):
                 continue
             rejected = self._rejected.get(n)
             if rejected is not None and rejected[0] == latest and time.monotonic() - rejected[1] < REJECTED_RETRY_S:
@@ -131,7 +132,7 @@ class ModelHub:
                 continue
             with self._lock:
                 cur = self._models.get(n)
-                if cur is None or cur.version < loaded.version:
+                if cur is None or cur.version != loaded.version:
                     self._models[n] = loaded
                     M.MODEL_VERSION.labels(n).set(loaded.version)
                     log.info("serving %s version %d", n, loaded.version)

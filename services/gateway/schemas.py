@@ -45,6 +45,35 @@ class ModelCardPublic(BaseModel):
     study_id: str | None
 
 
+class VersionPublic(BaseModel):
+    version: int
+    study_id: str | None
+    validation_error: float | None
+    validation_set: str | None = Field(description="fingerprint of the validation simulations: errors compare if equal")
+    train_steps: int
+    samples_seen: int
+    created_at: float
+    served: bool
+
+
+class VersionList(BaseModel):
+    name: str
+    served: int | None = Field(description="the version predictions use unless they pin one")
+    versions: list[VersionPublic]
+
+
+class PromoteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1, description="a published version of the model")
+
+
+class PromoteResponse(BaseModel):
+    name: str
+    served: int
+    previous: int | None
+
+
 class ModelList(BaseModel):
     models: list[ModelSummary]
 

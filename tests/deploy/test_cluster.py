@@ -307,8 +307,12 @@ def test_deleting_the_study_publishes_a_last_version_and_resume_runs_a_new_job(c
     # The job's driver had the grace period (not Ray's 3 s) to publish a last version, at its last step.
     stopped_at = snap["training"]["step"]
     card = _wait(
-        "the last version to be served",
-        lambda: (c := httpx.get(f"{gw}/v1/models/heat2d").json())["train_steps"] == stopped_at and c,
+        "the last version to be published",
+        lambda: (
+            (c := httpx.get(f"{gw}/v1/models/heat2d/versions", timeout=30).json()["versions"][-1])["train_steps"]
+            == stopped_at
+            and c
+        ),
         30,
         procs,
         "gateway",

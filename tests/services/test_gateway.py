@@ -458,6 +458,7 @@ def _corrupt(root: Path, how: str) -> None:
         card["model"]["name"] = "transformer"
         (tmp / "card.json").write_text(json.dumps(card))
     tmp.rename(root / NAME / "000003")
+    ModelStore(root).offer(NAME, 3)  # as publish does: no worse than version 2, so it is offered for serving
 
 
 @pytest.mark.parametrize(
@@ -509,6 +510,7 @@ def _unservable(root: Path, how: str) -> None:
         del card["normalisation"]
         (tmp / "card.json").write_text(json.dumps(card))
         tmp.rename(root / NAME / "000002")
+        ModelStore(root).offer(NAME, 2)  # as publish does
     else:  # a model whose input width is not what the problem's encoding produces (e.g. an older encoding)
         width = SPEC.in_features - 1
         card = {**CARD, "model": {**CARD["model"], "in_channels": width}, "input_shape": [width]}
@@ -705,3 +707,35 @@ def test_tokens_are_read_from_files_named_in_the_environment(tmp_path: Path, mon
     monkeypatch.setenv("SURGE_PREDICT_TOKEN_FILE", str(tmp_path / "missing"))
     with pytest.raises(SecretError, match="cannot read the token file"):
         GatewaySettings.from_env()
+
+
+# Promotion --------------------------------------------------------------------------------------------------
+
+
+def test_a_worse_version_is_listed_but_not_served_until_promoted(live: tuple[TestClient, Path]) -> None:
+    c, root = live
+    store = ModelStore(root)
+    torch.manual_seed(9)
+    worse = {**CARD, "validation_error": 0.5, "study_id": "rerun"}
+    assert store.publish(NAME, build_model("mlp", SPEC.in_features, 1, SPEC.grid, **ARCH), worse) == 2
+    time.sleep(0.4)  # several polls of the store
+    assert predict(c).headers["X-Model-Version"] == "1"
+    listing = c.get(f"/v1/models/{NAME}/versions").json()
+    assert listing["served"] == 1
+    assert [(v["version"], v["study_id"], v["validation_error"], v["served"]) for v in listing["versions"]] == [
+        (1, "s1", 0.1, True),
+        (2, "rerun", 0.5, False),
+    ]
+    assert predict(c, params={"version": 2}).headers["X-Model-Version"] == "2"  # pinned, it answers
+    # Promotion needs the admin token, a version that exists and a well-formed body.
+    assert_error(c.post(f"/v1/models/{NAME}/promote", json={"version": 2}), 401)
+    assert_error(c.post(f"/v1/models/{NAME}/promote", json={"version": 7}, headers=AUTH), 404, "no servable version 7")
+    assert_error(c.post(f"/v1/models/{NAME}/promote", json={"version": "two"}, headers=AUTH), 422, "version")
+    assert_error(c.post(f"/v1/models/{NAME}/promote", json={"version": 2, "x": 1}, headers=AUTH), 422)
+    assert_error(c.post("/v1/models/nope/promote", json={"version": 1}, headers=AUTH), 404)
+    r = c.post(f"/v1/models/{NAME}/promote", json={"version": 2}, headers=AUTH)
+    assert r.status_code == 200 and r.json() == {"name": NAME, "served": 2, "previous": 1}
+    assert predict(c).headers["X-Model-Version"] == "2"  # at once on this gateway
+    assert c.get(f"/v1/models/{NAME}").json()["version"] == 2
+    assert c.get(f"/v1/models/{NAME}/versions").json()["served"] == 2
+    assert_error(c.get("/v1/models/nope/versions"), 404)

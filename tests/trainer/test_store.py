@@ -34,16 +34,58 @@ def test_files_are_safetensors_and_json(tmp_path) -> None:
     d = tmp_path / "a" / "000001"
     assert sorted(p.name for p in d.iterdir()) == ["card.json", "weights.safetensors"]
     json.loads((d / "card.json").read_text())
-    # No leftovers of the temporary directory used for atomic publication.
-    assert [p.name for p in (tmp_path / "a").iterdir()] == ["000001"]
+    # No leftovers of the temporary directory used for atomic publication; the served alias and its lock.
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [".lock", "000001", "served.json"]
 
 
-def test_prune_keeps_newest(tmp_path) -> None:
+def _card(err: float | None, study: str = "s1", vset: str | None = "val-1") -> dict:
+    return {**CARD, "validation_error": err, "study_id": study, "validation_set": vset}
+
+
+def test_prune_keeps_newest_and_never_the_served_version(tmp_path) -> None:
     store = ModelStore(tmp_path)
-    for _ in range(5):
-        store.publish("a", _model(), CARD)
-    store.prune("a", keep=2)
-    assert store.versions("a") == [4, 5]
+    for err in (0.1, 0.2, 0.3, 0.4, 0.5):  # each worse than the first: version 1 stays served
+        store.publish("a", _model(), _card(err))
+    assert store.served("a") == 1
+    store.prune("a", keep=2, study_id="s1")
+    assert store.versions("a") == [1, 4, 5]
+
+
+def test_the_served_alias_moves_only_to_a_version_no_worse_on_the_same_validation_set(tmp_path) -> None:
+    store = ModelStore(tmp_path)
+    assert store.served("a") is None
+    assert store.publish("a", _model(), _card(0.5)) == 1 and store.served("a") == 1  # the first is served
+    store.publish("a", _model(), _card(0.3))
+    assert store.served("a") == 2  # better
+    store.publish("a", _model(), _card(0.4))
+    assert store.served("a") == 2  # worse: published, listed, not served
+    store.publish("a", _model(), _card(None))
+    assert store.served("a") == 2  # not validated yet
+    # A re-run of the study under the same name: its first, barely trained checkpoint is not served.
+    store.publish("a", _model(), _card(0.9, study="s2"))
+    assert store.served("a") == 2
+    store.publish("a", _model(), _card(0.2, study="s2"))
+    assert store.served("a") == 6  # it beat the served one on the same simulations
+    # Validated on other simulations: not comparable, served only when promoted.
+    store.publish("a", _model(), _card(0.01, study="s3", vset="val-2"))
+    assert store.served("a") == 6
+    assert store.promote("a", 7) == 6 and store.served("a") == 7
+    assert store.promote("a", 3) == 7 and store.served("a") == 3  # back to any version, explicitly
+    with pytest.raises(StoreError, match="no version 99"):
+        store.promote("a", 99)
+
+
+def test_two_studies_on_one_name_do_not_prune_each_others_versions(tmp_path) -> None:
+    store = ModelStore(tmp_path)
+    for i in range(4):  # interleaved, as two studies publishing at once
+        store.publish("a", _model(), _card(0.5 - 0.01 * i, study="s1"))
+        store.prune("a", keep=2, study_id="s1")
+        store.publish("a", _model(), _card(0.6, study="s2"))
+        store.prune("a", keep=2, study_id="s2")
+    by_study = {v: store.card("a", v)["study_id"] for v in store.versions("a")}
+    assert sorted(v for v, s in by_study.items() if s == "s1") == [5, 7]
+    assert sorted(v for v, s in by_study.items() if s == "s2") == [6, 8]
+    assert store.served("a") == 7  # s1's best
 
 
 def test_corrupt_and_foreign_checkpoints_raise_store_error(tmp_path) -> None:

@@ -12,7 +12,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 
 from services import metrics as M
 from services.gateway import predict as P
-from services.gateway.deps import HubDep, PoolDep, PredictTokenDep, SettingsDep, read_body
+from services.gateway.deps import HubDep, PoolDep, PredictTokenDep, SettingsDep, TokenDep, read_body
 from services.gateway.pool import RETRY_AFTER_S, Overloaded
 from services.gateway.schemas import (
     ErrorPublic,
@@ -22,10 +22,14 @@ from services.gateway.schemas import (
     ParamPublic,
     PredictRequest,
     PredictResponse,
+    PromoteRequest,
+    PromoteResponse,
+    VersionList,
+    VersionPublic,
 )
 from services.gateway.settings import GatewaySettings
 from trainer.problem import ProblemSpec
-from trainer.store import LoadedModel
+from trainer.store import LoadedModel, StoreError
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -92,6 +96,57 @@ def list_models(hub: HubDep) -> ModelList:
 @router.get("/{name}", response_model=ModelCardPublic, responses=_ERRORS)
 def get_model(name: str, hub: HubDep) -> ModelCardPublic:
     return _card(_loaded(hub, name))
+
+
+@router.get("/{name}/versions", response_model=VersionList, responses={404: {"model": ErrorPublic}})
+def list_versions(name: str, hub: HubDep) -> VersionList:
+    """Every published version of ``name``, with the study that made it and its validation error."""
+    store = hub.store
+    versions = store.versions(name)
+    if not versions:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, MODEL_NOT_FOUND.format(name=name))
+    served = store.served(name) or versions[-1]
+    out = []
+    for v in versions:
+        try:
+            c = store.card(name, v)
+        except StoreError:
+            continue  # removed by a prune meanwhile, or unreadable: not a version one can ask for
+        out.append(
+            VersionPublic(
+                version=v,
+                study_id=c.get("study_id"),
+                validation_error=c.get("validation_error"),
+                validation_set=c.get("validation_set"),
+                train_steps=c.get("train_steps", 0),
+                samples_seen=c.get("samples_seen", 0),
+                created_at=c.get("created_at", 0.0),
+                served=v == served,
+            )
+        )
+    return VersionList(name=name, served=served, versions=out)
+
+
+@router.post(
+    "/{name}/promote",
+    response_model=PromoteResponse,
+    responses={
+        401: {"model": ErrorPublic},
+        403: {"model": ErrorPublic},
+        404: {"model": ErrorPublic},
+        422: {"model": ErrorPublic},
+    },
+)
+def promote(name: str, body: PromoteRequest, hub: HubDep, _: TokenDep) -> PromoteResponse:
+    """Serve ``version`` from now on, whatever its validation error (the admin token is needed)."""
+    if body.version not in hub.store.versions(name):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, P.VERSION_NOT_FOUND.format(name=name, version=body.version))
+    try:
+        before = hub.store.promote(name, body.version)
+    except StoreError as e:  # pruned between the check and the promotion
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(e)) from None
+    hub.refresh(name)  # served by this replica at once; others when they next poll the store
+    return PromoteResponse(name=name, served=body.version, previous=before)
 
 
 @router.post(
