@@ -10,15 +10,10 @@ JSON answered it after 21.9 s, when Kubernetes' liveness probe gives up after 5 
 from __future__ import annotations
 
 import io
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -26,6 +21,7 @@ import pytest
 import torch
 
 import solvers
+from tests.e2e.serve import peak_rss, surge_serve
 from trainer.loop import LoopStats, Normaliser, make_card
 from trainer.models import build_model
 from trainer.problem import ProblemSpec
@@ -37,20 +33,6 @@ MAX_VALUES = 2**22  # the default limit
 PER_ROW = 64 * 64
 ROWS = MAX_VALUES // PER_ROW  # 1024 rows: the most one answer may hold
 PEAK_LIMIT_BYTES = 1.5 * 2**30
-SERVE = "import sys; from services.cli import main; sys.exit(main())"  # `surge serve` with this interpreter
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _peak_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM in /proc status")
 
 
 @pytest.fixture(scope="module")
@@ -71,34 +53,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int
     )
     torch.manual_seed(0)
     ModelStore(root).publish("big", build_model("mlp", spec.in_features, 1, spec.grid, **arch), card)
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SURGE_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SERVE, "serve", "--store", str(root), "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "gateway exited"
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "gateway did not start"
-            time.sleep(0.2)
-        yield url, proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    with surge_serve(root) as served:
+        yield served
 
 
 def test_three_requests_at_every_limit_keep_memory_bounded_and_healthz_answering(gateway) -> None:
@@ -146,7 +102,7 @@ def test_three_requests_at_every_limit_keep_memory_bounded_and_healthz_answering
     finally:
         stop.set()
         prober.join(30)
-    peak = _peak_rss(pid)
+    peak = peak_rss(pid)
     worst = max(s for _, s in health)
     print(f"peak RSS {peak / 2**20:.0f} MiB; /healthz {len(health)} probes, slowest {worst * 1e3:.0f} ms")
     assert peak < PEAK_LIMIT_BYTES, f"gateway peak RSS {peak / 2**20:.0f} MiB"
