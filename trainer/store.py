@@ -203,6 +203,10 @@ class ModelStore:
             return None
         return v if (self.root / name / f"{v:06d}" / "card.json").is_file() else None
 
+    def serving(self, name: str) -> int | None:
+        """The version a reader serves: the served alias, or the newest version in a store without one."""
+        return self.served(name) or self.latest(name)
+
     def offer(self, name: str, version: int) -> bool:
         """Point the served alias at a just-published ``version`` if it is no worse than the served one.
 

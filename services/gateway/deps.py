@@ -35,13 +35,17 @@ def get_manager(request: Request) -> StudyBackend:
 def require_token(request: Request, settings: Annotated[GatewaySettings, Depends(get_settings)]) -> None:
     if not settings.api_token:
         raise HTTPException(status.HTTP_403_FORBIDDEN, MUTATIONS_DISABLED)
-    if not bearer_ok(request.headers.get("authorization"), settings.api_token):
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, TOKEN_MISSING, headers={"WWW-Authenticate": "Bearer"})
+    _require_bearer(request, settings.api_token)
 
 
 def require_predict_token(request: Request, settings: Annotated[GatewaySettings, Depends(get_settings)]) -> None:
     """Predictions are open unless the gateway has a predict token (``SURGE_PREDICT_TOKEN``)."""
-    if settings.predict_token and not bearer_ok(request.headers.get("authorization"), settings.predict_token):
+    if settings.predict_token:
+        _require_bearer(request, settings.predict_token)
+
+
+def _require_bearer(request: Request, token: str) -> None:
+    if not bearer_ok(request.headers.get("authorization"), token):
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, TOKEN_MISSING, headers={"WWW-Authenticate": "Bearer"})
 
 

@@ -114,8 +114,7 @@ class ModelHub:
     def refresh(self, name: str | None = None) -> None:
         """Load any newer version found in the store (all names, or one)."""
         for n in [name] if name else self.store.names():
-            # The served alias (promotion), or the newest version in a store without one.
-            latest = self.store.served(n) or self.store.latest(n)
+            latest = self.store.serving(n)
             current = self._models.get(n)
             if latest is None or (current is not None and current.version == latest):
                 continue

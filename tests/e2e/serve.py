@@ -1,4 +1,5 @@
-"""A real ``surge serve`` process for end-to-end tests: started on a free loopback port, stopped after."""
+"""A real ``surge serve`` process for end-to-end tests (a free loopback port, stopped after), and the
+untrained heat2d MLPs they serve."""
 
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import torch
+
+import solvers
+from trainer.loop import LoopStats, Normaliser, make_card
+from trainer.models import build_model
+from trainer.problem import ProblemSpec
+from trainer.store import ModelStore
 
 SERVE = "import sys; from services.cli import main; sys.exit(main())"  # `surge serve` with this interpreter
 
@@ -28,6 +36,26 @@ def peak_rss(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmHWM in /proc status")
+
+
+def publish_mlp(
+    root: Path, name: str, solver_cfg: dict, arch: dict, seed: int = 0, validation_error: float = 0.5
+) -> int:
+    """Publish an MLP of heat2d (weights fixed by ``seed``) as the next version of ``name``."""
+    spec = ProblemSpec.from_solver(solvers.get("heat2d", **solver_cfg), solver_cfg)
+    card = make_card(
+        problem=spec.to_dict(),
+        model_name="mlp",
+        arch=arch,
+        in_channels=spec.in_features,
+        out_channels=1,
+        grid=spec.grid,
+        norm=Normaliser(300.0, 100.0),
+        stats=LoopStats(step=seed, samples_seen=seed, validation_error=validation_error),
+        study_id=name,
+    )
+    torch.manual_seed(seed)
+    return ModelStore(root).publish(name, build_model("mlp", spec.in_features, 1, spec.grid, **arch), card)
 
 
 @contextmanager

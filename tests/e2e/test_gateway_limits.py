@@ -18,14 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-import torch
 
-import solvers
-from tests.e2e.serve import peak_rss, surge_serve
-from trainer.loop import LoopStats, Normaliser, make_card
-from trainer.models import build_model
-from trainer.problem import ProblemSpec
-from trainer.store import ModelStore
+from tests.e2e.serve import peak_rss, publish_mlp, surge_serve
 
 SOLVER_CFG = {"n": 64, "steps": 10, "dt": 0.001}
 PARAMS = {"u0": 300.0, "t_left": 200.0, "t_right": 400.0, "t_bottom": 100.0, "t_top": 500.0}
@@ -38,21 +32,7 @@ PEAK_LIMIT_BYTES = 1.5 * 2**30
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
     root = tmp_path_factory.mktemp("limits") / "store"
-    spec = ProblemSpec.from_solver(solvers.get("heat2d", **SOLVER_CFG), SOLVER_CFG)
-    arch = {"hidden": 64, "layers": 2}
-    card = make_card(
-        problem=spec.to_dict(),
-        model_name="mlp",
-        arch=arch,
-        in_channels=spec.in_features,
-        out_channels=1,
-        grid=spec.grid,
-        norm=Normaliser(300.0, 100.0),
-        stats=LoopStats(step=1, samples_seen=1, validation_error=0.5),
-        study_id="limits",
-    )
-    torch.manual_seed(0)
-    ModelStore(root).publish("big", build_model("mlp", spec.in_features, 1, spec.grid, **arch), card)
+    publish_mlp(root, "big", SOLVER_CFG, {"hidden": 64, "layers": 2})
     with surge_serve(root) as served:
         yield served
 

@@ -17,14 +17,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 
-import solvers
-from tests.e2e.serve import peak_rss, surge_serve
-from trainer.loop import LoopStats, Normaliser, make_card
-from trainer.models import build_model
-from trainer.problem import ProblemSpec
-from trainer.store import ModelStore
+from tests.e2e.serve import peak_rss, publish_mlp, surge_serve
 
 CLIENTS = 50
 DURATION_S = 60.0
@@ -36,21 +30,8 @@ pytestmark = pytest.mark.slow
 
 
 def _publish(root: Path, k: int) -> int:
-    spec = ProblemSpec.from_solver(solvers.get("heat2d", **SOLVER_CFG), SOLVER_CFG)
-    arch = {"hidden": 32, "layers": 2}
-    card = make_card(
-        problem=spec.to_dict(),
-        model_name="mlp",
-        arch=arch,
-        in_channels=spec.in_features,
-        out_channels=1,
-        grid=spec.grid,
-        norm=Normaliser(300.0, 100.0),
-        stats=LoopStats(step=k, samples_seen=k, validation_error=1.0 / (k + 1)),  # each better: each served
-        study_id="load",
-    )
-    torch.manual_seed(k)
-    return ModelStore(root).publish("heat2d", build_model("mlp", spec.in_features, 1, spec.grid, **arch), card)
+    # Each version better than the one before: each is served.
+    return publish_mlp(root, "heat2d", SOLVER_CFG, {"hidden": 32, "layers": 2}, seed=k, validation_error=1 / (k + 1))
 
 
 def test_fifty_clients_for_a_minute_while_versions_are_published_every_five_seconds(tmp_path: Path) -> None:

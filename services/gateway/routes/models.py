@@ -105,7 +105,7 @@ def list_versions(name: str, hub: HubDep) -> VersionList:
     versions = store.versions(name)
     if not versions:
         raise HTTPException(status.HTTP_404_NOT_FOUND, MODEL_NOT_FOUND.format(name=name))
-    served = store.served(name) or versions[-1]
+    served = store.serving(name)
     out = []
     for v in versions:
         try:
