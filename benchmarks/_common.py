@@ -17,7 +17,7 @@ from services.config import StudyConfig, parse_config  # noqa: E402
 from services.datasets import build_dataset  # noqa: E402
 from services.metrics import PROGRESS_DIR  # noqa: E402
 from trainer.dataset import Dataset, DatasetError  # noqa: E402
-from trainer.loop import Normaliser, evaluate  # noqa: E402
+from trainer.loop import evaluate  # noqa: E402
 from trainer.store import ModelStore  # noqa: E402
 
 TEST_SEED = 7_777_777  # test sets' sampler seed: never a training or validation seed
@@ -37,7 +37,7 @@ def test_error(store: Path, name: str, test: Dataset) -> float:
     x, y = test.arrays()
     xt = torch.from_numpy(x).view(len(test), *test.spec.in_shape)
     yt = torch.from_numpy(y).view(len(test), *test.spec.out_shape)
-    return evaluate(m.model, xt, yt, Normaliser.from_dict(m.card["normalisation"]))
+    return evaluate(m.model, xt, yt, m.normaliser)
 
 
 def dataset(cfg: StudyConfig, n: int, path: Path, seed: int, resume: bool = False) -> Path:

@@ -18,7 +18,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainer.dataset import Dataset
-from trainer.loop import Normaliser
 from trainer.store import ModelStore
 
 
@@ -37,10 +36,10 @@ def main() -> None:
 
     m = ModelStore(args.store).load(args.model)
     test = Dataset(args.test)
-    test.check_compatible(test.spec.from_dict(m.card["problem"]))
+    test.check_compatible(m.spec)
     x = torch.from_numpy(np.asarray(test.x[args.index : args.index + 1]))
     truth = np.asarray(test.y[args.index])[0]  # first output channel, (*grid)
-    norm = Normaliser.from_dict(m.card["normalisation"])
+    norm = m.normaliser
     with torch.no_grad():
         pred = norm.decode(m.model(norm.encode_x(x))).numpy()[0, 0]
     err = np.linalg.norm(pred - truth) / np.linalg.norm(truth)

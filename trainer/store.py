@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from trainer.card import ModelCard
 from trainer.models import build_model
 from trainer.problem import ProblemSpec
 
@@ -60,19 +61,16 @@ class StoreError(RuntimeError):
 class LoadedModel:
     name: str
     version: int
-    card: dict[str, Any]
+    card: ModelCard  # parsed once, when the version is loaded
     model: torch.nn.Module
 
-    # Read from the card once per loaded version, not once per request.
-    @cached_property
+    @property
     def spec(self) -> ProblemSpec:
-        return ProblemSpec.from_dict(self.card["problem"])
+        return self.card.problem
 
-    @cached_property
+    @property
     def normaliser(self) -> Any:
-        from trainer.loop import Normaliser  # the training loop's module; only its normaliser is needed here
-
-        return Normaliser.from_dict(self.card["normalisation"])
+        return self.card.normaliser
 
     @cached_property
     def values_per_row(self) -> int:
@@ -111,9 +109,11 @@ class ModelStore:
         v = self.versions(name)
         return v[-1] if v else None
 
-    def publish(self, name: str, model: torch.nn.Module, card: dict[str, Any]) -> int:
+    def publish(self, name: str, model: torch.nn.Module, card: dict[str, Any] | ModelCard) -> int:
         """Write a new version of ``name``; returns its number."""
         check_name(name)
+        # A card nobody could read back is refused before anything is written (CardError).
+        card = card.to_dict() if isinstance(card, ModelCard) else ModelCard.from_dict(card).to_dict()
         d = self.root / name
         d.mkdir(parents=True, exist_ok=True)
         tensors = {
@@ -144,7 +144,8 @@ class ModelStore:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    def card(self, name: str, version: int | None = None) -> dict[str, Any]:
+    def card(self, name: str, version: int | None = None) -> ModelCard:
+        """The parsed card of a version (the newest without one); ``StoreError`` if unreadable or malformed."""
         if not _NAME.match(name):
             raise StoreError(f"no model named {name!r}")
         version = self.latest(name) if version is None else version
@@ -152,8 +153,8 @@ class ModelStore:
             raise StoreError(f"no model named {name!r}")
         path = self.root / name / f"{version:06d}" / "card.json"
         try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError) as e:
+            return ModelCard.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError) as e:  # CardError is a ValueError
             raise StoreError(f"cannot read the card of {name!r} version {version}: {e}") from None
 
     def load(self, name: str, version: int | None = None) -> LoadedModel:
@@ -165,15 +166,8 @@ class ModelStore:
             raise StoreError(f"no model named {name!r}")
         card = self.card(name, version)
         try:
-            m = card["model"]
-            model = build_model(
-                m["name"],
-                m["in_channels"],
-                m["out_channels"],
-                tuple(m["grid"]),
-                field_input=bool(m.get("field_input", False)),
-                **m["arch"],
-            )
+            a = card.architecture
+            model = build_model(a.name, a.in_channels, a.out_channels, a.grid, field_input=a.field_input, **a.arch)
             state = load_file(str(self.root / name / f"{version:06d}" / "weights.safetensors"))
         except Exception as e:  # safetensors, torch and a bad card each raise their own types
             raise StoreError(f"cannot rebuild {name!r} version {version}: {e}") from None
@@ -222,12 +216,13 @@ class ModelStore:
                 except StoreError:  # never point the alias at a version whose card cannot be read
                     return False
                 try:
-                    old = self.card(name, cur)
+                    old: ModelCard | None = self.card(name, cur)
                 except StoreError:  # the served card is unreadable: anything readable is better
-                    old = {"validation_set": new.get("validation_set"), "validation_error": None}
-                err, cur_err = new.get("validation_error"), old.get("validation_error")
-                if new.get("validation_set") != old.get("validation_set") or err is None:
+                    old = None
+                err = new.training.validation_error
+                if err is None or (old is not None and not new.comparable(old)):
                     return False
+                cur_err = old.training.validation_error if old is not None else None
                 if cur_err is not None and err > cur_err:
                     return False
             self._write_served(name, version, "validation" if cur is not None else "first")
@@ -271,7 +266,7 @@ class ModelStore:
         for v in self.versions(name):
             if study_id is not None:
                 try:
-                    if self.card(name, v).get("study_id") != study_id:
+                    if self.card(name, v).training.study_id != study_id:
                         continue
                 except StoreError:
                     continue

@@ -52,7 +52,7 @@ def check_servable(m: LoadedModel) -> None:
             y = run_model(m, np.concatenate([mid, [spec.t_final]])[None])
     except Exception as e:  # any failure here would otherwise become a 500 on every request
         raise StoreError(f"{m.name} version {m.version} cannot predict: {type(e).__name__}: {e}") from None
-    if y.shape != (1, *spec.out_shape) or list(y.shape[1:]) != list(m.card.get("output_shape", [])):
+    if y.shape != (1, *spec.out_shape) or tuple(y.shape[1:]) != m.card.output_shape:
         raise StoreError(f"{m.name} version {m.version} predicts shape {list(y.shape[1:])}, card says otherwise")
     if not np.all(np.isfinite(y)):
         raise StoreError(f"{m.name} version {m.version} predicts non-finite values")

@@ -130,7 +130,7 @@ def test_a_killed_driver_is_resumed_without_running_a_completed_simulation_again
         (resumed_at,) = tr["resumed_at"]
         print(f"driver killed at step >= {step_seen} with {len(done_before)} done; resumed at step {resumed_at}")
         assert resumed_at % EVERY == 0 and resumed_at >= step_seen - EVERY
-        assert tr["step"] > resumed_at and ModelStore(store).card("heat2d")["train_steps"] == tr["step"]
+        assert tr["step"] > resumed_at and ModelStore(store).card("heat2d").training.train_steps == tr["step"]
     finally:
         if study.running:
             study.stop()

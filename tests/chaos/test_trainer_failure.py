@@ -67,7 +67,7 @@ def test_a_killed_trainer_worker_resumes_from_its_last_checkpoint(tmp_path) -> N
         # Versions published after the restart, the last at the final step.
         store = ModelStore(tmp_path)
         assert store.latest("heat2d") > version_at_kill
-        assert store.card("heat2d")["train_steps"] == 400
+        assert store.card("heat2d").training.train_steps == 400
     finally:
         if study.running:
             study.stop()

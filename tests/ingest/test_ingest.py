@@ -290,7 +290,7 @@ def test_three_clients_stream_fifty_simulations_each_and_every_sample_arrives_on
     # The model trained on them: the held-out error fell, and checkpoints were published.
     hist = [e for _, e in snap["training"]["history"]]
     assert len(hist) >= 3 and hist[-1] < hist[0], hist
-    assert ModelStore(study.store_root).card("heat2d")["study_id"] == study.id
+    assert ModelStore(study.store_root).card("heat2d").training.study_id == study.id
     # Metrics: produced samples labelled by source; summed by study they are the study's total.
     fam = next(f for f in StudyCollector(Path(study.store_root)).collect() if f.name == "surge_samples_produced")
     series = {s.labels["source"]: s.value for s in fam.samples if s.labels["study"] == study.id}

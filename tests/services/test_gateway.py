@@ -70,8 +70,8 @@ def rows_of(params: dict[str, float], times: list[float]) -> np.ndarray:
 def direct(root: Path, version: int, rows: np.ndarray) -> np.ndarray:
     """What the model ``version`` predicts for ``rows``, computed without the gateway."""
     m = ModelStore(root).load(NAME, version)
-    spec = ProblemSpec.from_dict(m.card["problem"])
-    norm = Normaliser.from_dict(m.card["normalisation"])
+    spec = m.spec
+    norm = m.normaliser
     x = torch.from_numpy(spec.encode_inputs(rows[:, :-1], rows[:, -1]))
     with torch.no_grad():
         return norm.decode(m.model(x)).numpy()
@@ -571,7 +571,7 @@ def test_swaps_never_mix_versions_within_a_request(live: tuple[TestClient, Path]
             m = loaded[version]
             x = torch.from_numpy(SPEC.encode_inputs(rows[:, :-1], rows[:, -1]))
             with torch.no_grad():
-                expected = Normaliser.from_dict(m.card["normalisation"]).decode(m.model(x)).numpy()
+                expected = m.normaliser.decode(m.model(x)).numpy()
             np.testing.assert_allclose(np.array(body["outputs"]), expected, rtol=1e-5, atol=1e-5)
 
 

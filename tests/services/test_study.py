@@ -66,9 +66,9 @@ def test_firo_study_delivers_every_sample_once_and_learns(tmp_path) -> None:
     # Checkpoints were published and describe what was trained.
     store = ModelStore(tmp_path)
     card = store.card("heat2d")
-    assert card["study_id"] == study.id
-    assert card["samples_seen"] == snap["training"]["samples_seen"]
-    assert card["validation_error"] == pytest.approx(hist[-1])
+    assert card.training.study_id == study.id
+    assert card.training.samples_seen == snap["training"]["samples_seen"]
+    assert card.training.validation_error == pytest.approx(hist[-1])
     study.release()
 
 
@@ -162,7 +162,7 @@ def test_operator_study_learns_burgers_with_an_fno(tmp_path) -> None:
     got = study.received_by_sim()
     assert set(got.values()) == {1}  # one (u0, uT) pair per simulation, each once
     card = ModelStore(tmp_path).card("burgers1d")
-    assert card["problem"]["kind"] == "operator" and card["input_shape"] == [1, 64]
+    assert card.problem.kind == "operator" and card.input_shape == (1, 64)
     study.release()
 
 
@@ -195,12 +195,12 @@ def test_online_and_offline_studies_share_one_code_path(tmp_path) -> None:
     assert snaps[0]["simulations"]["done"] > 12
     for store in ("on", "off"):
         card = ModelStore(tmp_path / store).card("heat2d")
-        assert card["model"]["name"] == "mlp" and card["train_steps"] == 120
+        assert card.architecture.name == "mlp" and card.training.train_steps == 120
     # Offline batches are always full; a FIRO stream may hand over a short batch while it refills.
-    assert ModelStore(tmp_path / "off").card("heat2d")["samples_seen"] == 120 * 32
-    assert 100 * 32 < ModelStore(tmp_path / "on").card("heat2d")["samples_seen"] <= 120 * 32
+    assert ModelStore(tmp_path / "off").card("heat2d").training.samples_seen == 120 * 32
+    assert 100 * 32 < ModelStore(tmp_path / "on").card("heat2d").training.samples_seen <= 120 * 32
     # The offline study's reported error is its final model's error on that validation store.
-    from trainer.loop import Normaliser, evaluate
+    from trainer.loop import evaluate
 
     final = ModelStore(tmp_path / "off").load("heat2d")
     vds = Dataset(val)
@@ -209,7 +209,7 @@ def test_online_and_offline_studies_share_one_code_path(tmp_path) -> None:
         final.model,
         vx.view(len(vds), *vds.spec.in_shape),
         vy.view(len(vds), *vds.spec.out_shape),
-        Normaliser.from_dict(final.card["normalisation"]),
+        final.normaliser,
     )
     assert got == pytest.approx(snaps[1]["training"]["validation_error"], rel=1e-4)
     # A dataset of another problem is refused at validation, before anything starts.

@@ -5,11 +5,32 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.loop import Normaliser, rel_l2, train_step
+import solvers
+from trainer.loop import LoopStats, Normaliser, make_card, rel_l2, train_step
 from trainer.models import MODELS, available, build_model
+from trainer.problem import ProblemSpec
 from trainer.store import ModelStore
 
 GRID = (16, 16)
+_HEAT = {"n": GRID[0], "steps": 4, "dt": 0.01}
+
+
+def _card(name: str, arch: dict) -> dict:
+    """A card for a 6-input network on GRID (the store rebuilds from the card's architecture only)."""
+    spec = ProblemSpec.from_solver(solvers.get("heat2d", **_HEAT), _HEAT)
+    return make_card(
+        problem=spec.to_dict(),
+        model_name=name,
+        arch=arch,
+        in_channels=6,
+        out_channels=1,
+        grid=GRID,
+        norm=Normaliser(0.0, 1.0),
+        stats=LoopStats(),
+        study_id="s",
+    )
+
+
 SMALL = {
     "mlp": {"hidden": 32, "layers": 2},
     "fno": {"modes": 4, "width": 8, "layers": 2},
@@ -58,10 +79,7 @@ def test_a_few_steps_lower_the_loss(name: str) -> None:
 def test_save_load_same_outputs(name: str, tmp_path) -> None:
     torch.manual_seed(1)
     model = build_model(name, 6, 1, GRID, **SMALL[name])
-    card = {
-        "model": {"name": name, "arch": SMALL[name], "in_channels": 6, "out_channels": 1, "grid": list(GRID)},
-        "problem": {},
-    }
+    card = _card(name, SMALL[name])
     store = ModelStore(tmp_path)
     v = store.publish("m", model, card)
     loaded = store.load("m", v)
@@ -85,16 +103,7 @@ def test_fno_paper_layer_without_channel_mlp(tmp_path) -> None:
     paper = build_model("fno", 6, 1, GRID, **arch, channel_mlp=False)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(paper) < count(with_mlp)
-    card = {
-        "model": {
-            "name": "fno",
-            "arch": {**arch, "channel_mlp": False},
-            "in_channels": 6,
-            "out_channels": 1,
-            "grid": list(GRID),
-        },
-        "problem": {},
-    }
+    card = _card("fno", {**arch, "channel_mlp": False})
     store = ModelStore(tmp_path)
     loaded = store.load("m", store.publish("m", paper, card))
     x = torch.randn(2, 6)

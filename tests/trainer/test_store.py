@@ -7,15 +7,31 @@ import json
 import pytest
 import torch
 
+import solvers
+from trainer.card import CardError, ModelCard
+from trainer.loop import LoopStats, Normaliser, make_card
 from trainer.models import build_model
+from trainer.problem import ProblemSpec
 from trainer.store import ModelStore, StoreError
 
 ARCH = {"hidden": 8, "layers": 1}
-CARD = {"model": {"name": "mlp", "arch": ARCH, "in_channels": 3, "out_channels": 1, "grid": [4, 4]}, "problem": {}}
+SOLVER = {"n": 4, "steps": 4, "dt": 0.01}
+SPEC = ProblemSpec.from_solver(solvers.get("heat2d", **SOLVER), SOLVER)
+CARD = make_card(
+    problem=SPEC.to_dict(),
+    model_name="mlp",
+    arch=ARCH,
+    in_channels=SPEC.in_features,
+    out_channels=1,
+    grid=SPEC.grid,
+    norm=Normaliser(300.0, 100.0),
+    stats=LoopStats(step=3, samples_seen=96, validation_error=0.25),
+    study_id="s0",
+)
 
 
 def _model() -> torch.nn.Module:
-    return build_model("mlp", 3, 1, (4, 4), **ARCH)
+    return build_model("mlp", SPEC.in_features, 1, SPEC.grid, **ARCH)
 
 
 def test_versions_increase_and_latest_is_served(tmp_path) -> None:
@@ -25,7 +41,44 @@ def test_versions_increase_and_latest_is_served(tmp_path) -> None:
     assert store.latest("a") == 3
     assert store.names() == ["a"]
     card = store.card("a")
-    assert card["version"] == 3 and card["name"] == "a" and card["created_at"] > 0
+    assert card.version == 3 and card.name == "a" and card.created_at > 0
+
+
+def test_the_card_is_parsed_once_into_types_and_round_trips(tmp_path) -> None:
+    store = ModelStore(tmp_path)
+    store.publish("a", _model(), CARD)
+    card = store.card("a")
+    assert isinstance(card, ModelCard)
+    assert card.problem == SPEC and card.architecture.name == "mlp" and card.architecture.grid == SPEC.grid
+    assert card.input_shape == (SPEC.in_features,) and card.output_shape == (1, *SPEC.grid)
+    assert card.normaliser == Normaliser(300.0, 100.0)
+    assert card.training.train_steps == 3 and card.training.samples_seen == 96
+    assert card.training.validation_error == 0.25 and card.training.study_id == "s0"
+    stored = json.loads((tmp_path / "a" / "000001" / "card.json").read_text())
+    assert card.to_dict() == stored
+    assert store.load("a").spec == card.problem
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (lambda c: c.pop("normalisation"), "no 'normalisation' entry"),
+        (lambda c: c["model"].pop("grid"), "no 'grid' entry"),
+        (lambda c: c.update(output_shape="wide"), "malformed"),
+        (lambda c: c.update(format="pickle"), "never pickle"),
+    ],
+)
+def test_a_malformed_card_is_refused_when_published_and_when_read(tmp_path, change, needle: str) -> None:
+    bad = json.loads(json.dumps(CARD))
+    change(bad)
+    store = ModelStore(tmp_path)
+    with pytest.raises(CardError, match=needle):
+        store.publish("a", _model(), bad)
+    assert store.versions("a") == []  # nothing half-published
+    store.publish("a", _model(), CARD)
+    (tmp_path / "a" / "000001" / "card.json").write_text(json.dumps(bad))  # written by something else
+    with pytest.raises(StoreError, match=needle):
+        store.load("a")
 
 
 def test_files_are_safetensors_and_json(tmp_path) -> None:
@@ -82,7 +135,7 @@ def test_two_studies_on_one_name_do_not_prune_each_others_versions(tmp_path) -> 
         store.prune("a", keep=2, study_id="s1")
         store.publish("a", _model(), _card(0.6, study="s2"))
         store.prune("a", keep=2, study_id="s2")
-    by_study = {v: store.card("a", v)["study_id"] for v in store.versions("a")}
+    by_study = {v: store.card("a", v).training.study_id for v in store.versions("a")}
     assert sorted(v for v, s in by_study.items() if s == "s1") == [5, 7]
     assert sorted(v for v, s in by_study.items() if s == "s2") == [6, 8]
     assert store.served("a") == 7  # s1's best

@@ -28,7 +28,6 @@ from services.gateway.schemas import (
     VersionPublic,
 )
 from services.gateway.settings import GatewaySettings
-from trainer.problem import ProblemSpec
 from trainer.store import LoadedModel, StoreError
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -51,26 +50,25 @@ def _loaded(hub: HubDep, name: str, version: int | None = None) -> LoadedModel:
 
 
 def _card(m: LoadedModel) -> ModelCardPublic:
-    c = m.card
-    spec = ProblemSpec.from_dict(c["problem"])
+    c, spec, t = m.card, m.card.problem, m.card.training
     return ModelCardPublic(
         name=m.name,
         version=m.version,
-        problem=c["problem"],
+        problem=c.problem_dict,
         parameters=[
             ParamPublic(name=n, low=lo, high=hi)
             for n, lo, hi in zip(spec.params.names, spec.params.low, spec.params.high, strict=True)
         ],
         time_range=(spec.times[0], spec.t_final),
-        architecture=c["model"],
-        input_shape=c["input_shape"],
-        output_shape=c["output_shape"],
+        architecture=c.architecture.to_dict(),
+        input_shape=list(c.input_shape),
+        output_shape=list(c.output_shape),
         fields=list(spec.fields),
-        samples_seen=c.get("samples_seen", 0),
-        train_steps=c.get("train_steps", 0),
-        validation_error=c.get("validation_error"),
-        created_at=c.get("created_at", 0.0),
-        study_id=c.get("study_id"),
+        samples_seen=t.samples_seen,
+        train_steps=t.train_steps,
+        validation_error=t.validation_error,
+        created_at=c.created_at,
+        study_id=t.study_id,
     )
 
 
@@ -84,10 +82,10 @@ def list_models(hub: HubDep) -> ModelList:
                 ModelSummary(
                     name=name,
                     version=m.version,
-                    problem=m.card["problem"]["solver"],
-                    architecture=m.card["model"]["name"],
-                    validation_error=m.card.get("validation_error"),
-                    samples_seen=m.card.get("samples_seen", 0),
+                    problem=m.spec.solver,
+                    architecture=m.card.architecture.name,
+                    validation_error=m.card.training.validation_error,
+                    samples_seen=m.card.training.samples_seen,
                 )
             )
     return ModelList(models=out)
@@ -115,12 +113,12 @@ def list_versions(name: str, hub: HubDep) -> VersionList:
         out.append(
             VersionPublic(
                 version=v,
-                study_id=c.get("study_id"),
-                validation_error=c.get("validation_error"),
-                validation_set=c.get("validation_set"),
-                train_steps=c.get("train_steps", 0),
-                samples_seen=c.get("samples_seen", 0),
-                created_at=c.get("created_at", 0.0),
+                study_id=c.training.study_id,
+                validation_error=c.training.validation_error,
+                validation_set=c.training.validation_set,
+                train_steps=c.training.train_steps,
+                samples_seen=c.training.samples_seen,
+                created_at=c.created_at,
                 served=v == served,
             )
         )
