@@ -111,6 +111,10 @@ class ModelHub:
     def names(self) -> list[str]:
         return sorted(set(self._models) | set(self.store.names()))
 
+    def served_names(self) -> list[str]:
+        """The names a version is loaded for, from memory (no store access: safe on the event loop)."""
+        return sorted(self._models)
+
     def refresh(self, name: str | None = None) -> None:
         """Load any newer version found in the store (all names, or one)."""
         for n in [name] if name else self.store.names():

@@ -12,8 +12,10 @@ router = APIRouter(tags=["system"])
 
 
 @router.get("/healthz", response_model=Health)
-def healthz(request: Request, hub: HubDep) -> Health:
-    return Health(status="ok", models=hub.names(), studies_enabled=request.app.state.manager is not None)
+async def healthz(request: Request, hub: HubDep) -> Health:
+    # On the event loop and from memory only: it answers at once whatever predictions or a slow
+    # (network) store are doing, which is what a liveness probe must see.
+    return Health(status="ok", models=hub.served_names(), studies_enabled=request.app.state.manager is not None)
 
 
 @router.get("/metrics", response_class=Response)
