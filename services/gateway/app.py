@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import torch
 from fastapi import FastAPI, Request, status
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
+from services.gateway.deps import PREDICT_SCHEME
 from services.gateway.hub import ModelHub
 from services.gateway.pool import PredictPool
 from services.gateway.routes import models, studies, system
@@ -59,7 +65,51 @@ def create_app(settings: GatewaySettings | None = None, manager: StudyBackend | 
         loc = ".".join(str(p) for p in err["loc"])
         return JSONResponse({"detail": f"{loc}: {err['msg']}"}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
-    app.include_router(models.router)
-    app.include_router(studies.router)
-    app.include_router(system.router)
+    routers = (models.router, studies.router, system.router)
+    for router in routers:
+        app.include_router(router)
+    # Every route that answers, whatever the FastAPI version keeps in app.routes (the routes themselves,
+    # or included routers that hold them).
+    routes = [
+        r for r in (*app.router.routes, *(r for router in routers for r in router.routes)) if isinstance(r, Route)
+    ]
+
+    @app.exception_handler(status.HTTP_405_METHOD_NOT_ALLOWED)
+    async def _method_not_allowed(request: Request, exc: StarletteHTTPException) -> Response:
+        # Starlette answers 405 from the first route whose path matches, with that route's methods: on a
+        # path several routes serve (GET and POST /v1/studies) Allow named only one of them.
+        allowed = allowed_methods(routes, request.scope)
+        headers = {**(exc.headers or {}), "Allow": ", ".join(allowed)} if allowed else exc.headers
+        return await http_exception_handler(request, StarletteHTTPException(exc.status_code, exc.detail, headers))
+
+    def openapi() -> dict[str, Any]:
+        return _conform(FastAPI.openapi(app), settings)
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def allowed_methods(routes: Iterable[Route], scope: dict[str, Any]) -> list[str]:
+    """The methods of every route whose path matches the request's (a 405's ``Allow``), sorted."""
+    return sorted({m for r in routes if r.methods and r.matches(scope)[0] is not Match.NONE for m in r.methods})
+
+
+def _conform(doc: dict[str, Any], settings: GatewaySettings) -> dict[str, Any]:
+    """The OpenAPI document as this gateway answers (in place, and idempotent: FastAPI caches the document).
+
+    FastAPI adds a 422 with its ``HTTPValidationError`` body to every route that takes a parameter; this
+    gateway answers validation errors as ``{"detail": str}`` (``_validation``), and each route declares its
+    own 422 where it can answer one (a string path segment cannot fail). Predictions need a token only if
+    the gateway has one: without, their security requirement is optional."""
+    for operations in doc.get("paths", {}).values():
+        for op in operations.values():
+            responses = op.get("responses", {})
+            schema = responses.get("422", {}).get("content", {}).get("application/json", {}).get("schema", {})
+            if schema.get("$ref", "").endswith("/HTTPValidationError"):
+                del responses["422"]
+            if not settings.predict_token and {PREDICT_SCHEME: []} in op.get("security", []):
+                op["security"] = [{}, {PREDICT_SCHEME: []}]
+    if "/HTTPValidationError" not in json.dumps(doc.get("paths", {})):  # ValidationError is only its part
+        for unused in ("HTTPValidationError", "ValidationError"):
+            doc.get("components", {}).get("schemas", {}).pop(unused, None)
+    return doc

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Request, Security, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from services.auth import TOKEN_MISSING, bearer_ok
 from services.gateway.hub import ModelHub
@@ -19,6 +20,21 @@ from services.study import StudyBackend
 MUTATIONS_DISABLED = "study mutations are disabled: the gateway has no API token (set SURGE_API_TOKEN)"
 STUDIES_UNAVAILABLE = "studies are unavailable: this gateway is not connected to a Ray cluster"
 BODY_TOO_LARGE = "request body exceeds the limit of {limit} bytes"
+
+# The two REST scopes as OpenAPI security schemes (the names clients and fuzzers look them up by). They
+# only document and never refuse (auto_error=False): the token is checked by ``bearer_ok``, the one
+# check REST and gRPC share, so that both accept and refuse the same headers.
+ADMIN_SCHEME, PREDICT_SCHEME = "adminToken", "predictToken"
+_ADMIN_BEARER = HTTPBearer(
+    scheme_name=ADMIN_SCHEME, description="SURGE_API_TOKEN: studies and model promotion", auto_error=False
+)
+_PREDICT_BEARER = HTTPBearer(
+    scheme_name=PREDICT_SCHEME,
+    description="SURGE_PREDICT_TOKEN: predictions, when the gateway has one (else they are open)",
+    auto_error=False,
+)
+_AdminCredentials = Annotated[HTTPAuthorizationCredentials | None, Security(_ADMIN_BEARER)]
+_PredictCredentials = Annotated[HTTPAuthorizationCredentials | None, Security(_PREDICT_BEARER)]
 
 
 async def get_settings(request: Request) -> GatewaySettings:
@@ -36,13 +52,17 @@ async def get_manager(request: Request) -> StudyBackend:
     return manager
 
 
-async def require_token(request: Request, settings: Annotated[GatewaySettings, Depends(get_settings)]) -> None:
+async def require_token(
+    request: Request, settings: Annotated[GatewaySettings, Depends(get_settings)], _: _AdminCredentials
+) -> None:
     if not settings.api_token:
         raise HTTPException(status.HTTP_403_FORBIDDEN, MUTATIONS_DISABLED)
     _require_bearer(request, settings.api_token)
 
 
-async def require_predict_token(request: Request, settings: Annotated[GatewaySettings, Depends(get_settings)]) -> None:
+async def require_predict_token(
+    request: Request, settings: Annotated[GatewaySettings, Depends(get_settings)], _: _PredictCredentials
+) -> None:
     """Predictions are open unless the gateway has a predict token (``SURGE_PREDICT_TOKEN``)."""
     if settings.predict_token:
         _require_bearer(request, settings.predict_token)

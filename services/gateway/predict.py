@@ -150,6 +150,8 @@ def _load_npy(body: bytes) -> np.ndarray:
         arr = np.load(io.BytesIO(body), allow_pickle=False)
     except Exception as e:  # numpy raises several types for a malformed header
         raise _bad(f"body is not a valid .npy array: {e}") from None
+    if not isinstance(arr, np.ndarray):  # np.load opens .npz archives too (an NpzFile): refused, not a 500
+        raise _bad("body is not a valid .npy array: got an .npz archive (send one array, np.save, not np.savez)")
     if arr.dtype.kind not in "fiu":
         raise _bad(f"array dtype must be float or integer, got {arr.dtype}")
     return arr

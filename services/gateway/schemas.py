@@ -114,3 +114,46 @@ class Health(BaseModel):
     status: str
     models: list[str]
     studies_enabled: bool
+
+
+# OpenAPI pieces the routes declare their answers with -------------------------------------------------
+
+WWW_AUTHENTICATE = {
+    "WWW-Authenticate": {
+        "description": "the scheme to authenticate with",
+        "required": True,
+        "schema": {"type": "string"},
+    }
+}
+
+
+def error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A ``responses=`` entry for an error answer: JSON ``{"detail": str}`` saying what is wrong."""
+    return {"model": ErrorPublic, "description": description, **({"headers": headers} if headers else {})}
+
+
+# The answers of a route behind the admin token (``TokenDep``).
+ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: error("the admin token (SURGE_API_TOKEN) is missing or wrong", WWW_AUTHENTICATE),
+    403: error("the gateway has no admin token: promotion and study mutations are disabled"),
+}
+
+
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with its ``$defs`` written in place (models without recursive references), for
+    an ``openapi_extra`` request body: there a ``#/$defs/...`` reference would be resolved against the OpenAPI
+    document and point nowhere."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve({**defs[ref.removeprefix("#/$defs/")], **{k: v for k, v in node.items() if k != "$ref"}})
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)

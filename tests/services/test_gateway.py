@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import solvers
 from services.gateway.app import create_app
 from services.gateway.deps import BODY_TOO_LARGE, MUTATIONS_DISABLED, STUDIES_UNAVAILABLE, TOKEN_MISSING
-from services.gateway.routes.models import MODEL_NOT_FOUND, NPY, UNSUPPORTED_TYPE
+from services.gateway.routes.models import JSON_ONLY, MODEL_NOT_FOUND, NPY, UNSUPPORTED_TYPE
 from services.gateway.settings import GatewaySettings
 from trainer.loop import LoopStats, Normaliser, make_card
 from trainer.models import build_model
@@ -378,6 +378,13 @@ BAD_NPY = [
 def test_bad_npy_is_422(client: TestClient, raw: bytes, needle: str) -> None:
     r = predict(client, raw=raw, headers={"Content-Type": NPY, "Accept": NPY})
     assert_error(r, 422, needle)
+
+
+def test_an_npz_archive_is_422_not_500(client: TestClient) -> None:
+    # np.load reads a zip as an NpzFile, not an array: found by the conformance test's fuzzing.
+    buf = io.BytesIO()
+    np.savez(buf, a=rows_of(PARAMS, TIMES))
+    assert_error(predict(client, raw=buf.getvalue(), headers={"content-type": NPY}), 422, "not a valid .npy")
 
 
 def test_unsupported_content_type_is_415(client: TestClient) -> None:
@@ -739,3 +746,107 @@ def test_a_worse_version_is_listed_but_not_served_until_promoted(live: tuple[Tes
     assert c.get(f"/v1/models/{NAME}").json()["version"] == 2
     assert c.get(f"/v1/models/{NAME}/versions").json()["served"] == 2
     assert_error(c.get("/v1/models/nope/versions"), 404)
+
+
+# The OpenAPI document and 405s --------------------------------------------------------------------------
+
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")
+# Every answer of every operation, as the routes can give them (the e2e conformance test fuzzes the rest).
+ANSWERS = {
+    ("get", "/v1/models"): {"200"},
+    ("get", "/v1/models/{name}"): {"200", "404"},
+    ("get", "/v1/models/{name}/versions"): {"200", "404"},
+    ("post", "/v1/models/{name}/promote"): {"200", "401", "403", "404", "413", "415", "422"},
+    ("post", "/v1/models/{name}/predict"): {"200", "401", "404", "413", "415", "422", "500", "503"},
+    ("get", "/v1/studies"): {"200", "503"},
+    ("post", "/v1/studies"): {"201", "401", "403", "409", "413", "415", "422", "503"},
+    ("get", "/v1/studies/{study_id}"): {"200", "404", "503"},
+    ("delete", "/v1/studies/{study_id}"): {"202", "401", "403", "404", "503"},
+    ("post", "/v1/studies/{study_id}/resume"): {"202", "401", "403", "404", "409", "503"},
+    ("get", "/healthz"): {"200"},
+    ("get", "/metrics"): {"200"},
+}
+
+
+def test_every_405_allows_exactly_the_methods_the_document_declares_for_its_path(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert len(paths) == 10
+    for template, operations in paths.items():
+        url = template.replace("{name}", NAME).replace("{study_id}", "xyz")
+        declared = {m.upper() for m in operations}
+        for method in METHODS:
+            r = client.request(method, url)
+            if method in declared:
+                assert r.status_code != 405, (method, url)
+            else:
+                # HEAD is not served for GET routes (FastAPI routes answer their own methods only).
+                assert r.status_code == 405, (method, url, r.status_code)
+                assert set(r.headers["Allow"].split(", ")) == declared, (method, url, r.headers["Allow"])
+                if method != "HEAD":  # an answer to HEAD has no body
+                    assert r.json() == {"detail": "Method Not Allowed"}
+
+
+def test_the_document_declares_every_answer_of_every_route(client: TestClient) -> None:
+    doc = client.get("/openapi.json").json()
+    declared = {(m, p): set(op["responses"]) for p, ops in doc["paths"].items() for m, op in ops.items()}
+    assert declared == ANSWERS
+    error = {"$ref": "#/components/schemas/ErrorPublic"}
+    for (method, path), codes in ANSWERS.items():
+        op = doc["paths"][path][method]
+        for code in codes - {"200", "201", "202"}:
+            assert op["responses"][code]["content"]["application/json"]["schema"] == error, (method, path, code)
+            assert op["responses"][code]["description"], (method, path, code)
+        if "401" in codes:
+            assert op["responses"]["401"]["headers"]["WWW-Authenticate"]["required"] is True
+            assert op["security"] in ([{"adminToken": []}], [{}, {"predictToken": []}])
+        else:
+            assert "security" not in op, (method, path)
+    # FastAPI's own validation-error body is never sent: the gateway answers {"detail": str}.
+    assert "HTTPValidationError" not in json.dumps(doc)
+    predict_op = doc["paths"]["/v1/models/{name}/predict"]["post"]
+    ok = predict_op["responses"]["200"]
+    assert set(ok["content"]) == {"application/json", NPY}
+    assert set(ok["headers"]) == {"X-Model-Name", "X-Model-Version"}
+    assert predict_op["responses"]["503"]["headers"]["Retry-After"]["required"] is True
+    body = predict_op["requestBody"]
+    assert body["required"] is True and set(body["content"]) == {"application/json", NPY}
+    forms = body["content"]["application/json"]["schema"]["anyOf"]
+    assert [f["required"] for f in forms] == [["params", "times"], ["inputs"]]
+    assert [p["name"] for p in predict_op["parameters"] if p["required"]] == ["name"]
+    promote_body = doc["paths"]["/v1/models/{name}/promote"]["post"]["requestBody"]
+    assert promote_body["required"] is True
+    assert promote_body["content"]["application/json"]["schema"]["required"] == ["version"]
+    study_body = doc["paths"]["/v1/studies"]["post"]["requestBody"]
+    assert study_body["required"] is False and "application/yaml" in study_body["content"]  # empty: the default
+    assert "$ref" not in json.dumps(study_body)  # written in place: a $defs reference would point nowhere
+    assert set(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+
+
+def test_predictions_require_a_token_in_the_document_only_when_the_gateway_has_one(store_root: Path) -> None:
+    with make_client(store_root, predict_token="p-token") as c:
+        op = c.get("/openapi.json").json()["paths"]["/v1/models/{name}/predict"]["post"]
+        assert op["security"] == [{"predictToken": []}]
+    with make_client(store_root) as c:
+        op = c.get("/openapi.json").json()["paths"]["/v1/models/{name}/predict"]["post"]
+        assert op["security"] == [{}, {"predictToken": []}]  # open: a token is not needed
+
+
+def test_promotion_checks_the_token_before_it_reads_the_body_and_bounds_the_body(client: TestClient) -> None:
+    url = f"/v1/models/{NAME}/promote"
+    for r in (
+        client.post(url, content=b"{not json", headers={"Content-Type": "application/json"}),
+        client.post(url, content=b"$\xff\x0b", headers={"Content-Type": "text/csv"}),
+        client.post(url, content=b" " * (MAX_BODY + 1)),
+    ):
+        assert assert_error(r, 401) == TOKEN_MISSING
+    assert_error(client.post(url, content=b"{not json", headers=AUTH), 422, "body: Invalid JSON")
+    assert_error(client.post(url, content=b"$\xff\x0b", headers=AUTH), 422, "body: Invalid JSON")
+    assert_error(client.post(url, content=b"", headers=AUTH), 422, "body: Invalid JSON")
+    assert_error(client.post(url, json=[1], headers=AUTH), 422, "body: Input should be an object")
+    r = client.post(url, content=b'{"version": 1}', headers={**AUTH, "Content-Type": "text/csv"})
+    assert assert_error(r, 415) == JSON_ONLY.format(ctype="text/csv")
+    r = client.post(url, content=b" " * (MAX_BODY + 1), headers=AUTH)
+    assert assert_error(r, 413) == BODY_TOO_LARGE.format(limit=MAX_BODY)
+    # Without a Content-Type the body is read as JSON, like a prediction's.
+    r = client.post(url, content=b'{"version": 1}', headers=AUTH)
+    assert r.status_code == 200 and r.json() == {"name": NAME, "served": 1, "previous": 1}

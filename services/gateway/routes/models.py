@@ -9,16 +9,20 @@ from typing import Annotated, Any
 import numpy as np
 import orjson
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from services import metrics as M
 from services.gateway import predict as P
 from services.gateway.deps import HubDep, PoolDep, PredictTokenDep, SettingsDep, TokenDep, read_body
 from services.gateway.pool import RETRY_AFTER_S, Overloaded
 from services.gateway.schemas import (
-    ErrorPublic,
+    ADMIN_ERRORS,
+    WWW_AUTHENTICATE,
     ModelCardPublic,
     ModelList,
     ModelSummary,
+    OperatorPredictRequest,
     ParamPublic,
     PredictRequest,
     PredictResponse,
@@ -26,6 +30,8 @@ from services.gateway.schemas import (
     PromoteResponse,
     VersionList,
     VersionPublic,
+    error,
+    inline_schema,
 )
 from services.gateway.settings import GatewaySettings
 from trainer.store import LoadedModel, StoreError
@@ -34,11 +40,64 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 # The error texts live with the checks shared by REST and gRPC; the tests import them from here too.
 NPY, MODEL_NOT_FOUND, UNSUPPORTED_TYPE = P.NPY, P.MODEL_NOT_FOUND, P.UNSUPPORTED_TYPE
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"model": ErrorPublic},
-    413: {"model": ErrorPublic},
-    415: {"model": ErrorPublic},
-    422: {"model": ErrorPublic},
+JSON_ONLY = "unsupported content type {ctype!r}: send application/json"
+_NOT_FOUND = {404: error("no model of that name is served")}
+_PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the predicted fields: JSON, or a float32 ``.npy`` array [N, C_out, *grid] when the "
+        "request's Accept names application/x-npy",
+        "content": {NPY: {"schema": {"type": "string", "format": "binary"}}},
+        "headers": {
+            "X-Model-Name": {"description": "the model that answered", "required": True, "schema": {"type": "string"}},
+            "X-Model-Version": {
+                "description": "the version that answered",
+                "required": True,
+                "schema": {"type": "integer", "minimum": 1},
+            },
+        },
+    },
+    401: error("the gateway has a predict token (SURGE_PREDICT_TOKEN) and the request lacks it", WWW_AUTHENTICATE),
+    404: error("no model of that name is served, or it has no servable version of that number"),
+    413: error(
+        "the body is above SURGE_MAX_BODY_BYTES, or the answer would hold more than SURGE_MAX_PREDICT_VALUES "
+        "output values (the detail says how to split the request)"
+    ),
+    415: error("the body is neither application/json nor application/x-npy"),
+    422: error(
+        "the body or ?version is malformed, names other parameters or inputs than the model's card, holds a value "
+        "outside the model's box, or more rows than SURGE_MAX_PREDICT_ROWS"
+    ),
+    500: error("the model produced non-finite values"),
+    503: error(
+        "too many predictions at once: retry after Retry-After seconds",
+        {
+            "Retry-After": {
+                "description": "seconds to wait before retrying",
+                "required": True,
+                "schema": {"type": "integer", "minimum": 0},
+            }
+        },
+    ),
+}
+# The route reads the raw body (JSON or .npy), so FastAPI cannot derive it: stated here. Which JSON form
+# applies is the model's (its card: parametric models take params and times, operators take inputs).
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {"anyOf": [inline_schema(PredictRequest), inline_schema(OperatorPredictRequest)]}
+            },
+            NPY: {
+                "schema": {
+                    "type": "string",
+                    "format": "binary",
+                    "description": "a float or integer array [N, P+1] (the parameters in card order, then t), or "
+                    "[N, C_in, *grid] input fields for an operator without scalar parameters",
+                }
+            },
+        },
+    }
 }
 
 
@@ -91,12 +150,14 @@ def list_models(hub: HubDep) -> ModelList:
     return ModelList(models=out)
 
 
-@router.get("/{name}", response_model=ModelCardPublic, responses=_ERRORS)
+@router.get("/{name}", response_model=ModelCardPublic, responses=_NOT_FOUND)
 def get_model(name: str, hub: HubDep) -> ModelCardPublic:
     return _card(_loaded(hub, name))
 
 
-@router.get("/{name}/versions", response_model=VersionList, responses={404: {"model": ErrorPublic}})
+@router.get(
+    "/{name}/versions", response_model=VersionList, responses={404: error("no version of that name is published")}
+)
 def list_versions(name: str, hub: HubDep) -> VersionList:
     """Every published version of ``name``, with the study that made it and its validation error."""
     store = hub.store
@@ -129,43 +190,57 @@ def list_versions(name: str, hub: HubDep) -> VersionList:
     "/{name}/promote",
     response_model=PromoteResponse,
     responses={
-        401: {"model": ErrorPublic},
-        403: {"model": ErrorPublic},
-        404: {"model": ErrorPublic},
-        422: {"model": ErrorPublic},
+        **ADMIN_ERRORS,
+        404: error("no such model, or no published version of that number"),
+        413: error("the body is above SURGE_MAX_BODY_BYTES"),
+        415: error("the body is not application/json"),
+        422: error("the body is not a JSON object holding only a version >= 1"),
+    },
+    # The route reads the raw body itself (see promote), so FastAPI cannot derive it: stated here.
+    openapi_extra={
+        "requestBody": {"required": True, "content": {"application/json": {"schema": inline_schema(PromoteRequest)}}}
     },
 )
-def promote(name: str, body: PromoteRequest, hub: HubDep, _: TokenDep) -> PromoteResponse:
+async def promote(name: str, request: Request, hub: HubDep, settings: SettingsDep, _: TokenDep) -> PromoteResponse:
     """Serve ``version`` from now on, whatever its validation error (the admin token is needed)."""
-    if body.version not in hub.store.versions(name):
-        raise HTTPException(status.HTTP_404_NOT_FOUND, P.VERSION_NOT_FOUND.format(name=name, version=body.version))
+    # Read here, not as a FastAPI body parameter: FastAPI parses the body before any dependency runs
+    # (malformed JSON was answered before the token was checked), sets no size limit on it, and answers
+    # a body that is not UTF-8 with a 400 of its own.
+    body = _promote_request(await read_body(request, settings.max_body_bytes), _ctype(request))
+    return await run_in_threadpool(_promote, hub, name, body.version)  # the store is files: not on the event loop
+
+
+def _ctype(request: Request) -> str:
+    return request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+
+
+def _promote_request(body: bytes, ctype: str) -> PromoteRequest:
+    if ctype not in ("application/json", ""):
+        raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, JSON_ONLY.format(ctype=ctype))
     try:
-        before = hub.store.promote(name, body.version)
+        return PromoteRequest.model_validate_json(body)
+    except ValidationError as e:
+        err = e.errors()[0]  # the same words as FastAPI's validation of a body parameter (app._validation)
+        loc = ".".join(str(p) for p in ("body", *err["loc"]))
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"{loc}: {err['msg']}") from None
+
+
+def _promote(hub: HubDep, name: str, version: int) -> PromoteResponse:
+    if version not in hub.store.versions(name):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, P.VERSION_NOT_FOUND.format(name=name, version=version))
+    try:
+        before = hub.store.promote(name, version)
     except StoreError as e:  # pruned between the check and the promotion
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(e)) from None
     hub.refresh(name)  # served by this replica at once; others when they next poll the store
-    return PromoteResponse(name=name, served=body.version, previous=before)
+    return PromoteResponse(name=name, served=version, previous=before)
 
 
 @router.post(
     "/{name}/predict",
     response_model=PredictResponse,
-    responses={
-        **_ERRORS,
-        200: {"content": {NPY: {}}},
-        401: {"model": ErrorPublic, "description": "a predict token is set and the request lacks it"},
-        500: {"model": ErrorPublic, "description": "the model produced non-finite values"},
-        503: {"model": ErrorPublic, "description": "too many predictions at once; retry after Retry-After s"},
-    },
-    openapi_extra={
-        "requestBody": {
-            "content": {
-                "application/json": {"schema": PredictRequest.model_json_schema()},
-                NPY: {"schema": {"type": "string", "format": "binary"}},
-            },
-            "required": True,
-        }
-    },
+    responses=_PREDICT_RESPONSES,
+    openapi_extra=_PREDICT_BODY,
 )
 async def predict(
     name: str,
@@ -187,7 +262,7 @@ async def predict(
     try:
         async with pool.admit():
             body = await read_body(request, settings.max_body_bytes)
-            ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+            ctype = _ctype(request)
             npy_out = NPY in request.headers.get("accept", "")
             content, media, headers = await pool.run(_answer, hub, name, version, body, ctype, npy_out, settings, label)
         code = 200
@@ -235,4 +310,4 @@ def _answer(
     return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), "application/json", headers
 
 
-__all__ = ["MODEL_NOT_FOUND", "NPY", "UNSUPPORTED_TYPE", "router"]
+__all__ = ["JSON_ONLY", "MODEL_NOT_FOUND", "NPY", "UNSUPPORTED_TYPE", "router"]

@@ -18,7 +18,16 @@ async def healthz(request: Request, hub: HubDep) -> Health:
     return Health(status="ok", models=hub.served_names(), studies_enabled=request.app.state.manager is not None)
 
 
-@router.get("/metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus text exposition: this process's predictions, then the studies' figures",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        }
+    },
+)
 def metrics(request: Request) -> Response:
     # The process's own metrics (predictions), then the studies' figures read from their snapshots.
     body = generate_latest() + generate_latest(request.app.state.study_registry)
