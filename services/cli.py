@@ -85,9 +85,13 @@ def _serve_grpc(args: argparse.Namespace, settings: Any, hub: Any) -> Any:
     port = _grpc_port(args)
     if port is None:
         return None
-    from services.ingest.server import serve
+    from services.ingest.server import TLSError, serve
 
-    srv = serve(args.host, port, token=settings.ingest_token, max_message_bytes=settings.max_body_bytes)
+    try:
+        pair = settings.grpc_tls()  # checked with the settings already; read again as the port opens
+    except TLSError as e:
+        raise SystemExit(f"surge: {e}") from None
+    srv = serve(args.host, port, token=settings.ingest_token, max_message_bytes=settings.max_body_bytes, tls=pair)
     srv.serve_predictions(hub, settings.max_predict_rows, settings.max_predict_values, settings.predict_token)
     return srv
 

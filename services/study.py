@@ -298,7 +298,7 @@ class Study:
             self._lockfile = None
 
     def _start_ingest(self) -> None:
-        from services.ingest.server import StudyFeed, serve
+        from services.ingest.server import ServerTLS, StudyFeed, serve
 
         ing = self.config.ingest
         if not self._ingest_token:
@@ -311,8 +311,13 @@ class Study:
         )
         self.feed = StudyFeed(self.id, self.spec, sink, self.ids, ing, self.dispatch.external_event)
         self.dispatch.external_capped = lambda: self.feed is not None and self.feed.cap_reached
+        # TLS from the environment of the process that runs the study (on a cluster: the driver's node).
         self._grpc = serve(
-            ing.host, ing.port, token=self._ingest_token, max_message_bytes=int(ing.max_message_mb * 2**20)
+            ing.host,
+            ing.port,
+            token=self._ingest_token,
+            max_message_bytes=int(ing.max_message_mb * 2**20),
+            tls=ServerTLS.from_env(),
         )
         self._grpc.attach(self.feed)
         self.ingest_address = self._grpc.address

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services import auth
+from services.ingest import tls
 
 
 def _cores() -> int:
@@ -52,6 +53,21 @@ class GatewaySettings(BaseModel):
     ray_jobs_address: str | None = Field(
         None, description="Ray job API (http://head:8265): studies run there as Ray jobs"
     )
+    grpc_tls_cert: Path | None = Field(
+        None, description="PEM certificate (chain) of the gRPC port; with grpc_tls_key, the port speaks TLS"
+    )
+    grpc_tls_key: Path | None = Field(None, description="PEM private key of grpc_tls_cert")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> GatewaySettings:
+        tls.require_pair(self.grpc_tls_cert, self.grpc_tls_key)
+        return self
+
+    def grpc_tls(self) -> tls.ServerTLS | None:
+        """The gRPC port's certificate and key, read and checked; None: plaintext."""
+        if self.grpc_tls_cert is None or self.grpc_tls_key is None:
+            return None
+        return tls.ServerTLS.load(self.grpc_tls_cert, self.grpc_tls_key)
 
     def intra_op_threads(self) -> int:
         return self.torch_threads or max(1, _cores() // self.predict_workers)
@@ -76,5 +92,9 @@ class GatewaySettings(BaseModel):
                 env[key] = v  # validated (and refused with the variable's meaning) by the model
         if v := os.environ.get("SURGE_RAY_JOBS_ADDRESS"):
             env["ray_jobs_address"] = v
+        # Read and checked now (a half pair, an unreadable or mismatched file: a TLSError naming it), so that
+        # a bad setting stops the gateway at start, not when its gRPC port opens.
+        if pair := tls.ServerTLS.from_env():
+            env["grpc_tls_cert"], env["grpc_tls_key"] = Path(pair.cert_path), Path(pair.key_path)
         env.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**env)

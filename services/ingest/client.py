@@ -23,6 +23,12 @@ used, and the study hands it out again. A simulation left without ``finish`` or 
 process died, the connection broke) is treated as failed too.
 
 Errors from the server raise ``IngestError`` with the gRPC status code and the server's message.
+A server whose share of threads for streams is taken refuses a new stream with RESOURCE_EXHAUSTED
+(``send`` raises it; try again later); ``next_simulation`` and ``report_failure`` wait and ask again.
+
+Over TLS: ``connect(address, token, root_cert=...)`` with the server's certificate (or its CA), PEM
+bytes or a path, by default the file ``$SURGE_GRPC_TLS_ROOT_CERT``; ``server_name=`` (default
+``$SURGE_GRPC_TLS_SERVER_NAME``) when the certificate names a host other than ``address``'s.
 Only ``grpc`` and ``numpy`` are needed (no Ray, no torch).
 """
 
@@ -34,6 +40,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from os import PathLike
 from typing import Any
 
 import grpc
@@ -42,6 +49,7 @@ import numpy as np
 from services import auth
 from services.ingest import surge_pb2 as pb
 from services.ingest import surge_pb2_grpc as rpc
+from services.ingest import tls
 
 __all__ = ["Client", "IngestError", "Simulation", "connect"]
 
@@ -59,23 +67,60 @@ class IngestError(RuntimeError):
         return cls(e.code(), e.details() or "")  # type: ignore[attr-defined]
 
 
-def connect(address: str, token: str | None = None, *, max_message_mb: float = 64.0) -> Client:
+def connect(
+    address: str,
+    token: str | None = None,
+    *,
+    root_cert: bytes | str | PathLike[str] | None = None,
+    server_name: str | None = None,
+    max_message_mb: float = 64.0,
+) -> Client:
     """A client of the server at ``address`` (``host:port``); ``token`` defaults to the ingest token
     (``$SURGE_INGEST_TOKEN``, or the file named by ``$SURGE_INGEST_TOKEN_FILE``). A server with a predict
-    token wants that one on Predict calls: pass it as ``token``."""
-    return Client(address, token if token is not None else auth.secret(auth.INGEST), max_message_mb)
+    token wants that one on Predict calls: pass it as ``token``.
+
+    TLS when there is a ``root_cert`` (PEM bytes or a path; default: the file ``$SURGE_GRPC_TLS_ROOT_CERT``):
+    the server's certificate must be signed by it (a self-signed one: itself) and name ``server_name``
+    (default ``$SURGE_GRPC_TLS_SERVER_NAME``, else the host of ``address``). Plaintext otherwise."""
+    return Client(
+        address,
+        token if token is not None else auth.secret(auth.INGEST),
+        max_message_mb,
+        root_cert=tls.root_cert(root_cert),
+        server_name=tls.server_name(server_name),
+    )
 
 
 class Client:
     """A connection to a Surge gRPC server: simulations to run, and predictions."""
 
-    def __init__(self, address: str, token: str | None, max_message_mb: float = 64.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        token: str | None,
+        max_message_mb: float = 64.0,
+        *,
+        root_cert: bytes | None = None,
+        server_name: str | None = None,
+    ) -> None:
         limit = int(max_message_mb * 2**20)
         self.address = address
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)],
-        )
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+        ]
+        if root_cert is None:
+            if server_name:
+                raise tls.TLSError(
+                    f"a server name ({tls.SERVER_NAME} or server_name=) is for TLS, which needs a root certificate "
+                    f"({tls.ROOT_CERT} or root_cert=)"
+                )
+            self._channel = grpc.insecure_channel(address, options=options)
+        else:
+            if server_name:
+                options.append(("grpc.ssl_target_name_override", server_name))
+            creds = grpc.ssl_channel_credentials(root_certificates=root_cert)
+            self._channel = grpc.secure_channel(address, creds, options=options)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._study = rpc.StudyStub(self._channel)
         self._ingest = rpc.IngestStub(self._channel)
@@ -109,23 +154,33 @@ class Client:
                 code = e.code()  # type: ignore[attr-defined]
                 if code == grpc.StatusCode.OUT_OF_RANGE:
                     return None
-                patience = {grpc.StatusCode.ABORTED: wait_s, grpc.StatusCode.UNAVAILABLE: connect_s}.get(code)
+                patience = {
+                    grpc.StatusCode.ABORTED: wait_s,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED: wait_s,  # the server's Study calls are all busy
+                    grpc.StatusCode.UNAVAILABLE: connect_s,
+                }.get(code)
                 if patience is None or time.monotonic() - t0 + delay > patience:
                     raise IngestError.of(e) from None
                 time.sleep(delay)
                 delay = min(2 * delay, 1.0)
 
-    def report_failure(self, study_id: str, simulation_id: int, reason: str) -> bool:
-        """Give a simulation up; returns whether the study hands it out again."""
-        try:
-            r = self._study.ReportFailure(
-                pb.ReportFailureRequest(study_id=study_id, simulation_id=simulation_id, reason=reason),
-                metadata=self._metadata,
-                timeout=60,
-            )
-        except grpc.RpcError as e:
-            raise IngestError.of(e) from None
-        return bool(r.requeued)
+    def report_failure(self, study_id: str, simulation_id: int, reason: str, wait_s: float = 30.0) -> bool:
+        """Give a simulation up; returns whether the study hands it out again.
+
+        While the server's Study calls are all busy (RESOURCE_EXHAUSTED) asks again for up to ``wait_s``."""
+        req = pb.ReportFailureRequest(study_id=study_id, simulation_id=simulation_id, reason=reason)
+        t0 = time.monotonic()
+        delay = 0.05
+        while True:
+            try:
+                r = self._study.ReportFailure(req, metadata=self._metadata, timeout=60)
+                return bool(r.requeued)
+            except grpc.RpcError as e:
+                busy = e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+                if not busy or time.monotonic() - t0 + delay > wait_s:
+                    raise IngestError.of(e) from None
+                time.sleep(delay)
+                delay = min(2 * delay, 1.0)
 
     def predict(
         self,

@@ -143,7 +143,7 @@ def test_a_study_fed_only_by_external_solvers_is_valid() -> None:
 )
 def test_staged_chunks_become_the_samples_a_solver_actor_would_send(solver: str, cfg: dict, problem: dict) -> None:
     from services.config import IngestConfig
-    from services.ingest.server import StudyFeed, _Out, _Stream
+    from services.ingest.server import Lease, StreamState, StudyFeed
 
     s = solvers.get(solver, **cfg)
     spec = ProblemSpec.from_solver(s, cfg, **problem)
@@ -151,9 +151,9 @@ def test_staged_chunks_become_the_samples_a_solver_actor_would_send(solver: str,
     traj = s.solve(params, np.array([7]))  # (1, T+1, C, *grid)
     put_bytes = 2 * (spec.in_channels + spec.out_size) * 4  # two samples per put
     feed = StudyFeed("t", spec, None, None, IngestConfig(), lambda *a: None, put_bytes=put_bytes)
-    st = _Stream(context=None, sim=_Out(7, params[0], 0, 1, 0.0))  # type: ignore[arg-type]
+    st = StreamState(context=None, sim=Lease(7, params[0], 0, 1, 0.0))  # type: ignore[arg-type]
     st.staged = {(f, k): traj[0, k, spec.fields.index(f)] for f, k in feed.pairs}
-    parts = list(feed._samples(st))
+    parts = list(feed.staging.samples(st))
     x, y, sid, tix = (np.concatenate([p[i] for p in parts]) for i in range(4))
     wx, wy, wsid, wtix = spec.samples_from_trajectories(params, np.array([7]), traj)
     np.testing.assert_array_equal(x, wx)
