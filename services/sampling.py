@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from scipy.stats import qmc
 
@@ -33,3 +35,152 @@ def simulation_seeds(base_seed: int, sim_ids: np.ndarray) -> np.ndarray:
     # Negative ids (held-out simulations) wrap into the unsigned range SeedSequence wants.
     keys = [int(i) % 2**64 for i in sim_ids]
     return np.array([np.random.SeedSequence([ss.entropy, k]).generate_state(1)[0] for k in keys], np.int64)
+
+
+class BreedSampler:
+    """Melissa's loss-driven "breed" sampler: new points near those the surrogate gets most wrong.
+
+    Each draw breeds a fraction of its points and draws the rest uniformly. A bred point is a
+    Gaussian mutation (std ``sigma`` in the unit cube, so relative to each parameter's range) of a
+    parent picked from the recent history with probability proportional to its training loss. The
+    bred fraction ramps linearly from ``start`` to ``end`` over the first ``breakpoint`` simulations
+    drawn after the first losses arrive (Melissa counts breeding rounds; a stream has no rounds).
+    ``use_true_mixing`` keeps Melissa's meaning: exactly ``round(fraction * n)`` of a draw of ``n`` are
+    bred, at random positions; otherwise each point is bred independently with that probability.
+    """
+
+    def __init__(
+        self,
+        space: ParamSpace,
+        seed: int = 0,
+        sigma: float = 0.005,
+        start: float = 0.15,
+        end: float = 0.75,
+        breakpoint: int = 100,
+        use_true_mixing: bool = False,
+        max_retries: int = 10,
+        history: int = 1000,
+    ) -> None:
+        if not (np.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"sigma must be finite and > 0 (a fraction of each parameter's range), got {sigma}")
+        if not (0.0 <= start <= end <= 1.0):
+            raise ValueError(f"start and end must satisfy 0 <= start <= end <= 1, got start={start}, end={end}")
+        for name, value, least in (
+            ("breakpoint", breakpoint, 1),
+            ("max_retries", max_retries, 0),
+            ("history", history, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        self.space = space
+        self.seed = seed
+        self.sigma = float(sigma)
+        self.start = float(start)
+        self.end = float(end)
+        self.breakpoint = int(breakpoint)
+        self.use_true_mixing = bool(use_true_mixing)
+        self.max_retries = int(max_retries)
+        self.history = int(history)
+        # One generator for every random choice, so the same seed and calls give the same points.
+        self._rng = np.random.default_rng(seed)
+        # Latest loss per point ``(params [P], loss)``, oldest first; keyed by the point's bytes so that a
+        # re-observed point replaces its old loss and moves to the end.
+        self._points: dict[bytes, tuple[np.ndarray, float]] = {}
+        self._drawn = 0  # simulations drawn since the first losses arrived
+
+    def observe(self, params: np.ndarray, losses: np.ndarray) -> None:
+        """Record the training loss of each simulation: ``params [n, P]``, ``losses [n]`` (finite, >= 0)."""
+        p = self.space.check(params)
+        loss = np.asarray(losses, dtype=np.float64)
+        if loss.shape != (p.shape[0],):
+            raise ValueError(f"losses must have shape [{p.shape[0]}] (one per parameter set), got {list(loss.shape)}")
+        bad = ~(np.isfinite(loss) & (loss >= 0))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"losses[{i}] must be finite and >= 0, got {loss[i]}")
+        for row, value in zip(p.copy(), loss, strict=True):  # a copy: the caller may reuse its array
+            key = row.tobytes()
+            self._points.pop(key, None)
+            self._points[key] = (row, float(value))
+        while len(self._points) > self.history:
+            del self._points[next(iter(self._points))]
+
+    def fraction(self) -> float:
+        """The bred fraction for the next draw (0 until a loss has been observed)."""
+        if not self._points:
+            return 0.0
+        progress = min(self._drawn / self.breakpoint, 1.0)
+        return self.start + (self.end - self.start) * progress
+
+    def draw(self, n: int) -> np.ndarray:
+        """The next ``n`` parameter sets ``[n, P]``, all inside the box."""
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+            raise ValueError(f"n must be an integer >= 0, got {n!r}")
+        dim = self.space.dim
+        f = self.fraction()  # one fraction for the whole draw, so a draw's bred count is known up front
+        if self._points:
+            self._drawn += n
+        if self.use_true_mixing:
+            bred = np.zeros(n, dtype=bool)
+            bred[self._rng.permutation(n)[: round(f * n)]] = True
+        else:
+            bred = self._rng.random(n) < f
+        unit = self._rng.random((n, dim))  # [n, P]
+        k = int(bred.sum())
+        if k:
+            unit[bred] = self._breed(k)
+        # Children and uniform points lie in [0, 1); scale() can still round one just past ``high`` by an ulp.
+        return np.minimum(self.space.scale(unit), self.space.high)
+
+    def _breed(self, k: int) -> np.ndarray:
+        """``k`` children in the unit cube ``[k, P]``: fitness-proportional parents, Gaussian mutation."""
+        params = np.stack([row for row, _ in self._points.values()])  # [H, P]
+        losses = np.array([loss for _, loss in self._points.values()])  # [H]
+        # Scaling by the largest loss keeps the sum finite; with every loss 0 no point is harder than another.
+        weights = losses / losses.max() if losses.max() > 0 else np.ones_like(losses)
+        pick = self._rng.choice(len(losses), size=k, p=weights / weights.sum())
+        parents = self.space.normalise(params[pick])  # [k, P]
+        children = parents + self.sigma * self._rng.standard_normal(parents.shape)
+        # Redraw rather than clip: clipping would pile children on the faces of the box.
+        out = ~_in_unit_cube(children)
+        for _ in range(self.max_retries):
+            if not out.any():
+                break
+            children[out] = parents[out] + self.sigma * self._rng.standard_normal((int(out.sum()), parents.shape[1]))
+            out = ~_in_unit_cube(children)
+        children[out] = self._rng.random((int(out.sum()), parents.shape[1]))
+        return children
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed to continue the same sequence of draws (JSON-friendly)."""
+        points = list(self._points.values())
+        return {
+            "seed": self.seed,
+            "sigma": self.sigma,
+            "start": self.start,
+            "end": self.end,
+            "breakpoint": self.breakpoint,
+            "use_true_mixing": self.use_true_mixing,
+            "max_retries": self.max_retries,
+            "history": self.history,
+            "drawn": self._drawn,
+            "params": [row.tolist() for row, _ in points],
+            "losses": [loss for _, loss in points],
+            "rng": self._rng.bit_generator.state,
+        }
+
+    @classmethod
+    def from_state(cls, space: ParamSpace, state: dict[str, Any]) -> BreedSampler:
+        """Rebuild a sampler from ``state()``; its next draws are those the original would have made."""
+        keys = ("seed", "sigma", "start", "end", "breakpoint", "use_true_mixing", "max_retries", "history")
+        sampler = cls(space, **{k: state[k] for k in keys})
+        losses = np.array(state["losses"], dtype=np.float64)
+        sampler.observe(np.array(state["params"], dtype=np.float64).reshape(len(losses), space.dim), losses)
+        sampler._drawn = int(state["drawn"])
+        sampler._rng.bit_generator.state = state["rng"]
+        return sampler
+
+
+def _in_unit_cube(unit: np.ndarray) -> np.ndarray:
+    """Rows of ``unit [k, P]`` inside ``[0, 1)``, the support of the uniform draws."""
+    return np.all((unit >= 0.0) & (unit < 1.0), axis=1)
