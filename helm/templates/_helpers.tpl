@@ -137,6 +137,9 @@ dashboard could show, and a rotated Secret reaches running pods.
 {{- printf "%s/ingest-token" (include "surge.secretsDir" .) }}
 {{- end }}
 
+{{/* Where the Ray pods find the gRPC TLS pair (grpcTLS.existingSecret), as files. */}}
+{{- define "surge.grpcTLSDir" -}}/etc/surge/grpc-tls{{- end }}
+
 {{- define "surge.modelStoreClaim" -}}
 {{- .Values.modelStore.existingClaim | default (printf "%s-models" (include "surge.fullname" .)) }}
 {{- end }}
@@ -254,6 +257,12 @@ spec:
           value: "0"
         - name: SURGE_INGEST_TOKEN_FILE
           value: {{ include "surge.ingestTokenFile" $root }}
+        {{- if $root.Values.grpcTLS.existingSecret }}
+        - name: SURGE_GRPC_TLS_CERT
+          value: {{ include "surge.grpcTLSDir" $root }}/tls.crt
+        - name: SURGE_GRPC_TLS_KEY
+          value: {{ include "surge.grpcTLSDir" $root }}/tls.key
+        {{- end }}
         {{- with $g.env }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -310,6 +319,11 @@ spec:
         - name: secrets
           mountPath: {{ include "surge.secretsDir" $root }}
           readOnly: true
+        {{- if $root.Values.grpcTLS.existingSecret }}
+        - name: grpc-tls
+          mountPath: {{ include "surge.grpcTLSDir" $root }}
+          readOnly: true
+        {{- end }}
   volumes:
     {{- include "surge.commonVolumes" $root | nindent 4 }}
     - name: shm
@@ -328,6 +342,15 @@ spec:
             path: ingest-token
         # 0440: the files belong to root and the pod's fsGroup (10001), the image user's group.
         defaultMode: 288
+    {{- with $root.Values.grpcTLS.existingSecret }}
+    - name: grpc-tls
+      secret:
+        secretName: {{ . }}
+        items:
+          - {key: tls.crt, path: tls.crt}
+          - {key: tls.key, path: tls.key}
+        defaultMode: 288
+    {{- end }}
   {{- with $g.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}

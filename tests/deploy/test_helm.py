@@ -228,6 +228,7 @@ EVERYTHING = {
     "rayAuth": {"enabled": True, "value": "ray-token"},
     "ingestToken": {"existingSecret": "my-ingest", "existingSecretKey": "ingest"},
     "predictToken": {"value": "predict-token"},
+    "grpcTLS": {"existingSecret": "surge-grpc-tls"},
     "networkPolicy": {
         "dashboardFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ci"}}}],
         "metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
@@ -642,6 +643,31 @@ def test_ingest_token_reaches_the_ray_pods_as_a_file_only(helm: dict, job: str) 
         token = _token(docs, "-ingest-token")
         assert token not in _all_env_values(docs)
         assert token not in helm[job]["manifest"]  # only base64'd, in its Secret
+
+
+@pytest.mark.parametrize("job", ["default", "everything"])
+def test_grpc_tls_pair_reaches_the_ray_pods_as_files_when_given(helm: dict, job: str) -> None:
+    """The study drivers' ingest servers read the pair from SURGE_GRPC_TLS_CERT/KEY: files of the TLS
+    Secret, mounted read-only; without grpcTLS.existingSecret nothing of it is rendered (plaintext)."""
+    docs = _rendered(helm, job)
+    for where, template in _pod_templates(docs).items():
+        (container,) = template["spec"]["containers"]
+        env = _env(container)
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        if job == "default" or where.startswith("Deployment/"):
+            assert "SURGE_GRPC_TLS_CERT" not in env and "SURGE_GRPC_TLS_KEY" not in env, where
+            assert "grpc-tls" not in volumes, where
+            continue
+        assert (env["SURGE_GRPC_TLS_CERT"], env["SURGE_GRPC_TLS_KEY"]) == (
+            "/etc/surge/grpc-tls/tls.crt",
+            "/etc/surge/grpc-tls/tls.key",
+        ), where
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/etc/surge/grpc-tls"]
+        assert mount["readOnly"] is True and "subPath" not in mount, where  # subPath mounts miss renewals
+        secret = volumes[mount["name"]]["secret"]
+        assert secret["secretName"] == "surge-grpc-tls", where
+        assert {i["key"] for i in secret["items"]} == {"tls.crt", "tls.key"}, where
+        assert secret["defaultMode"] == 0o440, where
 
 
 def test_predict_token_is_optional_and_only_the_gateways(helm: dict) -> None:
