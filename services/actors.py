@@ -114,6 +114,7 @@ class StudyControl:
         self._training: dict[str, Any] = {}
         self._ranks: dict[int, dict[str, Any]] = {}
         self._pids: dict[int, int] = {}
+        self._sim_losses: dict[int, tuple[float, int]] = {}  # sim id -> (loss sum, samples)
 
     def register_rank(self, rank: int, node: str, pid: int | None = None) -> None:
         """A rank (again, after a restart of the worker group) says where it runs."""
@@ -143,6 +144,19 @@ class StudyControl:
 
     def training(self) -> dict[str, Any]:
         return dict(self._training)
+
+    def report_sim_losses(self, sim_ids: Any, losses: Any, counts: Any) -> None:
+        """A rank's mean training loss per simulation since its last report; merged by sample count until
+        the study drains them into its sampler."""
+        rows = zip(np.asarray(sim_ids).tolist(), np.asarray(losses).tolist(), np.asarray(counts).tolist(), strict=True)
+        for i, m, c in rows:
+            s, n = self._sim_losses.get(int(i), (0.0, 0))
+            self._sim_losses[int(i)] = (s + float(m) * int(c), n + int(c))
+
+    def drain_sim_losses(self) -> tuple[list[int], list[float]]:
+        out = self._sim_losses
+        self._sim_losses = {}
+        return list(out), [s / max(n, 1) for s, n in out.values()]
 
     def report_rank(self, rank: int, state: dict[str, Any]) -> None:
         """Every rank's state at the end of training (weights digest, normaliser, samples)."""

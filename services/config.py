@@ -88,9 +88,42 @@ class ProblemConfig(_Strict):
         return dataclasses.replace(spec, params=ParamSpace(space.names, tuple(low), tuple(high)))
 
 
+class BreedConfig(_Strict):
+    """Melissa's breed sampler; ``sigma``, ``start``, ``end``, ``breakpoint`` and ``use_true_mixing`` are
+    Melissa's names and defaults (its active-sampling parameters), ``max_retries`` and ``history`` ours."""
+
+    sigma: float = Field(
+        0.005, gt=0, le=1, description="std of the Gaussian mutation, as a fraction of each parameter's range"
+    )
+    start: float = Field(0.15, ge=0, le=1, description="bred fraction of the draws once the first losses arrive")
+    end: float = Field(0.75, ge=0, le=1, description="bred fraction reached after `breakpoint` simulations")
+    breakpoint: int = Field(100, ge=1, description="simulations drawn over which the bred fraction ramps")
+    use_true_mixing: bool = Field(
+        False, description="exactly round(fraction * n) of n points bred (else each point with that probability)"
+    )
+    max_retries: int = Field(10, ge=0, le=1000, description="re-mutations of a child outside the box")
+    history: int = Field(1000, ge=1, le=1_000_000, description="recent simulations parents are picked from")
+
+    @model_validator(mode="after")
+    def _ramp(self) -> BreedConfig:
+        if self.start > self.end:
+            raise ValueError(f"start ({self.start}) must not exceed end ({self.end})")
+        return self
+
+
 class SamplerConfig(_Strict):
-    kind: Literal["uniform", "sobol"] = "uniform"
+    kind: Literal["uniform", "sobol", "breed"] = "uniform"
     seed: int = Field(0, ge=0)
+    breed: BreedConfig | None = Field(None, description="settings of kind 'breed' (defaults: Melissa's)")
+
+    @model_validator(mode="after")
+    def _settings_of_kind(self) -> SamplerConfig:
+        if self.breed is not None and self.kind != "breed":
+            raise ValueError(f"sampler.breed is set but sampler.kind is {self.kind!r}: set kind: breed, or drop it")
+        return self
+
+    def breed_settings(self) -> dict[str, Any]:
+        return (self.breed or BreedConfig()).model_dump()
 
 
 class SolverActorsConfig(_Strict):
@@ -209,6 +242,14 @@ class StudyConfig(_Strict):
 
     @model_validator(mode="after")
     def _fed(self) -> StudyConfig:
+        if self.sampler.kind == "breed":
+            if self.problem.spec().params.dim == 0:
+                raise ValueError(
+                    f"sampler.kind: breed moves parameter points, and solver {self.problem.solver!r} has no "
+                    "scalar parameters (its inputs are random fields): use uniform"
+                )
+            if self.dataset is not None:
+                raise ValueError("sampler.kind: breed steers the simulations a study runs; a dataset study runs none")
         if self.training.validation_dataset is not None:
             from trainer.dataset import Dataset, DatasetError
 

@@ -235,8 +235,10 @@ class ShardBatches:
         per_call: int = 4,
         stop: Callable[[], bool] | None = None,
         view_cache_bytes: int = 256 * 2**20,
+        with_ids: bool = False,
     ) -> None:
         self.shard = shard
+        self.with_ids = with_ids  # yield (x, y, sim_ids [b]) for per-simulation losses
         self.batch_size = batch_size
         self.device = device
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
@@ -333,10 +335,11 @@ class ShardBatches:
                 self.keys.append((batch.sim_id, batch.t_index))
             b = x.shape[0]
             nb = self.device.type == "cuda"
-            yield (
+            xy = (
                 x.view(b, *self.in_shape).to(self.device, non_blocking=nb),  # (B, F) or (B, C, *grid)
                 y.view(b, *self.out_shape).to(self.device, non_blocking=nb),  # (B, C, *grid)
             )
+            yield (*xy, batch.sim_id) if self.with_ids else xy
 
     def close(self) -> None:
         self._halt.set()

@@ -58,6 +58,8 @@ class SimulationIds:
         self._next = 0
         self._requeued: deque[int] = deque()
         self._params: dict[int, np.ndarray] = {}  # ids out or re-queued -> their parameters
+        # An adaptive sampler learns from the losses of simulations settled long ago: keep every id's point.
+        self._points: dict[int, np.ndarray] | None = {} if getattr(sampler, "adaptive", False) else None
         self._attempts: Counter[int] = Counter()
         self._out: dict[int, str] = {}  # id -> source, handed out and not settled yet
         self.abandoned = 0  # ids given up (failed on every attempt); each is replaced by a fresh draw
@@ -87,11 +89,18 @@ class SimulationIds:
             got = self._take(n, source)
             if got is None:
                 return None
-            ids, params, attempts = got
-            self._log({"take": n, "source": source})
+            ids, params, attempts, fresh = got
+            record: dict[str, Any] = {"take": n, "source": source}
+            if self._points is not None and len(fresh):
+                # What an adaptive sampler drew depended on losses a replay cannot see again: journal the points.
+                record["fresh"] = fresh.tolist()
+            self._log(record)
         return Assignment(ids, params, simulation_seeds(self._seed, ids), attempts)
 
-    def _take(self, n: int, source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    def _take(
+        self, n: int, source: str, given: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """``given``: the fresh points a journal recorded (replay of an adaptive sampler), instead of drawing."""
         ids: list[int] = []
         if self._requeued:
             # A retry runs alone: a simulation that crashes its process fails only itself, and the
@@ -99,10 +108,17 @@ class SimulationIds:
             ids.append(self._requeued.popleft())
             n = 1
         fresh = min(n - len(ids), self.budget - self._next)
+        drawn = np.empty((0, 0))
         if fresh > 0:
             new = range(self._next, self._next + fresh)
-            for i, p in zip(new, self._sampler.draw(fresh), strict=True):
+            if given is not None:
+                drawn = np.asarray(given, dtype=np.float64).reshape(fresh, -1)
+            else:
+                drawn = self._sampler.draw(fresh)
+            for i, p in zip(new, drawn, strict=True):
                 self._params[i] = p
+                if self._points is not None:
+                    self._points[i] = p
             ids.extend(new)
             self._next += fresh
         if not ids:
@@ -113,7 +129,24 @@ class SimulationIds:
         arr = np.asarray(ids, dtype=np.int64)
         params = np.stack([self._params[i] for i in ids])
         attempts = np.asarray([self._attempts[i] for i in ids], dtype=np.int64)
-        return arr, params, attempts
+        return arr, params, attempts, drawn
+
+    def observe(self, sim_ids: np.ndarray, losses: np.ndarray) -> int:
+        """Per-simulation training losses for an adaptive sampler (its next draws depend on them).
+
+        Ids this ledger never handed out and non-finite losses (a diverged step) are dropped; returns how
+        many were passed on."""
+        if self._points is None:
+            return 0
+        ids = np.asarray(sim_ids, dtype=np.int64).reshape(-1)
+        loss = np.asarray(losses, dtype=np.float64).reshape(-1)
+        with self._lock:
+            keep = [k for k, i in enumerate(ids) if int(i) in self._points and np.isfinite(loss[k]) and loss[k] >= 0]
+            if not keep:
+                return 0
+            params = np.stack([self._points[int(ids[k])] for k in keep])
+            self._sampler.observe(params, loss[keep])
+        return len(keep)
 
     def settle(self, ids: np.ndarray | list[int], outcome: str, requeue: bool = False) -> list[int]:
         """``outcome`` ``done``, ``failed``, ``cancelled`` or ``interrupted`` (handed out but never run: re-queued,
@@ -173,7 +206,10 @@ class SimulationIds:
             try:
                 rec = json.loads(line)
                 if "take" in rec:
-                    if ledger._take(int(rec["take"]), str(rec["source"])) is None:
+                    given = rec.get("fresh")
+                    if ledger._points is not None and given is None:
+                        given = np.empty((0, sampler.space.dim))  # a retry alone: no fresh point
+                    if ledger._take(int(rec["take"]), str(rec["source"]), given) is None:
                         raise ValueError("a hand-out that the ledger has nothing for")
                 else:
                     ledger._settle([int(i) for i in rec["settle"]], str(rec["outcome"]), bool(rec["requeue"]))

@@ -23,6 +23,12 @@ class Sampler:
         # A solver without scalar parameters (its inputs are random fields drawn from the seed) has dim 0.
         self._sobol = qmc.Sobol(d=space.dim, scramble=True, seed=seed) if kind == "sobol" and space.dim else None
 
+    # Draws do not depend on what training reports: a resumed study redraws them from the seed.
+    adaptive = False
+
+    def observe(self, params: np.ndarray, losses: np.ndarray) -> None:
+        """Training losses per simulation; uniform and Sobol draws ignore them."""
+
     def draw(self, n: int) -> np.ndarray:
         """The next ``n`` parameter sets ``[n, P]``."""
         unit = self._sobol.random(n) if self._sobol is not None else self._rng.random((n, self.space.dim))
@@ -48,6 +54,11 @@ class BreedSampler:
     ``use_true_mixing`` keeps Melissa's meaning: exactly ``round(fraction * n)`` of a draw of ``n`` are
     bred, at random positions; otherwise each point is bred independently with that probability.
     """
+
+    # Draws depend on the losses observed so far: the ledger journals the points drawn, and a resumed
+    # study replays those rather than redrawing.
+    adaptive = True
+    kind = "breed"
 
     def __init__(
         self,
@@ -179,6 +190,14 @@ class BreedSampler:
         sampler._drawn = int(state["drawn"])
         sampler._rng.bit_generator.state = state["rng"]
         return sampler
+
+
+def make_sampler(space: ParamSpace, kind: str, seed: int, breed: dict[str, Any] | None = None) -> Any:
+    """The sampler a study's config names: ``Sampler`` (uniform, sobol) or ``BreedSampler`` (breed, with the
+    settings ``breed``)."""
+    if kind == "breed":
+        return BreedSampler(space, seed, **(breed or {}))
+    return Sampler(space, kind, seed)
 
 
 def _in_unit_cube(unit: np.ndarray) -> np.ndarray:

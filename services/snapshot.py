@@ -94,6 +94,12 @@ class TrainingFigures(_Part):
     resumed_at: list[int] = Field(default_factory=list, description="the step each restart went on from")
 
 
+class SamplerFigures(_Part):
+    kind: str = Field("uniform", description="sampler.kind of the study")
+    losses_observed: int = Field(0, description="per-simulation training losses an adaptive sampler learnt from")
+    bred_fraction: float | None = Field(None, description="breed: the fraction of the next draws bred")
+
+
 class StudySnapshot(_Part):
     id: str
     name: str
@@ -109,6 +115,7 @@ class StudySnapshot(_Part):
     samples: SampleCounts = Field(default_factory=SampleCounts)
     buffer: BufferFigures = Field(default_factory=BufferFigures)
     training: TrainingFigures = Field(default_factory=TrainingFigures)
+    sampler: SamplerFigures = Field(default_factory=SamplerFigures)
     ingest: dict[str, Any] | None = Field(None, description="the gRPC ingest of external solvers, when enabled")
 
     @classmethod
@@ -127,6 +134,7 @@ class StudySnapshot(_Part):
             simulations=SimulationCounts(budget=config.simulations),
             buffer=BufferFigures(policy=config.buffer.policy, capacity=config.buffer.capacity),
             training=TrainingFigures(steps=config.training.steps),
+            sampler=SamplerFigures(kind=config.sampler.kind),
         )
 
     def to_dict(self) -> dict[str, Any]:

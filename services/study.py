@@ -31,11 +31,12 @@ from services.dataplane import ShardCounts, ShardRouter, merge_stats
 from services.dispatch import Dispatcher
 from services.ledger import LedgerError, SimulationIds
 from services.metrics import PROGRESS_DIR
-from services.sampling import Sampler
+from services.sampling import make_sampler
 from services.snapshot import (
     BufferFigures,
     Nodes,
     SampleCounts,
+    SamplerFigures,
     SimulationCounts,
     StudySnapshot,
     StudyState,
@@ -89,7 +90,10 @@ class Study:
         self.use_gpu = False
         self.dir = study_dir(self.store_root, self.id)
         self.resumed = resume
-        sampler = Sampler(self.spec.params, config.sampler.kind, config.sampler.seed)
+        sc = config.sampler
+        sampler = make_sampler(self.spec.params, sc.kind, sc.seed, sc.breed_settings() if sc.kind == "breed" else None)
+        self.sampler = sampler
+        self.losses_observed = 0  # per-simulation losses passed to an adaptive sampler
         ledger_args = (sampler, config.sampler.seed, config.simulations, config.solvers.max_attempts)
         self._lockfile: Any = None
         if resume:
@@ -339,6 +343,8 @@ class Study:
             dataset=str(Path(self.config.dataset).resolve()) if self.config.dataset else None,
             record_keys=self.record_keys,
             validation_set=validation_key,
+            sample_losses=bool(self.sampler.adaptive),
+            sampler={"kind": self.config.sampler.kind, "seed": self.config.sampler.seed},
         )
         # Ray Train's own files live with the study's (a store every node of a cluster shares), not in /tmp.
         storage = self.dir / "ray-train"
@@ -382,6 +388,8 @@ class Study:
                 st = {**merge_stats(parts), "training": ray.get(self.control.training.remote(), timeout=5)}
             except Exception:
                 st, restarted = None, []
+            if self.sampler.adaptive:
+                self._feed_sampler()
             for r in restarted:
                 log.warning("study %s: buffer shard %d was restarted (the samples it held are lost)", self.id, r)
                 if self._buffer_state != "open":  # the new process must end its stream as the old one would have
@@ -400,6 +408,15 @@ class Study:
                         }
                     self._buffer_stats = {**st, "_time": now}
         self._write_progress()
+
+    def _feed_sampler(self) -> None:
+        """Pass the losses the ranks reported since the last poll to the adaptive sampler."""
+        try:
+            ids, losses = ray.get(self.control.drain_sim_losses.remote(), timeout=5)
+        except Exception:  # the control actor is gone (the study is ending): nothing more to learn from
+            return
+        if ids:
+            self.losses_observed += self.ids.observe(np.asarray(ids), np.asarray(losses))
 
     def _write_progress(self) -> None:
         """The snapshot as a file next to the models: the gateway reads studies (and their metrics) from it,
@@ -549,6 +566,11 @@ class Study:
                 history=tr.get("history", []),
                 restarts=tr.get("restarts", 0),
                 resumed_at=tr.get("resumed_at", []),
+            ),
+            sampler=SamplerFigures(
+                kind=self.config.sampler.kind,
+                losses_observed=self.losses_observed,
+                bred_fraction=self.sampler.fraction() if hasattr(self.sampler, "fraction") else None,
             ),
             ingest=self.feed.stats() if self.feed is not None else None,
         ).to_dict()

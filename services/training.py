@@ -29,7 +29,17 @@ from services.dataplane import ShardBatches
 from services.metrics import PROGRESS_DIR
 from trainer.checkpoint import latest_state_dir, load_training_state, save_state_dir, state_step
 from trainer.dataset import Dataset
-from trainer.loop import LoopHooks, LoopStats, Moments, Normaliser, Schedule, evaluate, make_card, run_loop
+from trainer.loop import (
+    LoopHooks,
+    LoopStats,
+    Moments,
+    Normaliser,
+    Schedule,
+    SimulationLosses,
+    evaluate,
+    make_card,
+    run_loop,
+)
 from trainer.models import build_model
 from trainer.problem import ProblemSpec
 from trainer.store import ModelStore
@@ -37,6 +47,7 @@ from trainer.store import ModelStore
 log = logging.getLogger("surge.training")
 
 SHARD_WAIT_S = 300.0
+LOSS_REPORT_S = 2.0  # how often a rank sends its per-simulation losses to an adaptive sampler
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,8 @@ class WorkerInputs:
     dataset: str | None = None
     validation_set: str | None = None  # fingerprint of the validation arrays (see validation_fingerprint)
     record_keys: bool = False  # ranks report the (sim_id, t_index) keys they trained on (tests)
+    sample_losses: bool = False  # ranks report per-simulation training losses (an adaptive sampler)
+    sampler: dict[str, Any] | None = None  # recorded in the card: how the simulations were chosen
 
 
 def schedule_of(t: TrainingConfig) -> Schedule:
@@ -75,7 +88,7 @@ def _agreed(batches: Iterator[Any], world_size: int, device: torch.device) -> It
         if b is None:
             yield None
             return
-        yield (b[0], b[1], rows)
+        yield (b[0], b[1], rows, *b[2:])  # and the rows' simulation ids, when the feed gives them
 
 
 def _reduce_moments(m: Moments, world: int) -> Moments:
@@ -180,7 +193,7 @@ def train_worker(config: dict[str, Any]) -> None:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"rank {rank}: no buffer shard after {SHARD_WAIT_S:.0f} s")
             time.sleep(0.1)
-        feed = ShardBatches(shard, t.batch_size, device, spec.in_shape, spec.out_shape)
+        feed = ShardBatches(shard, t.batch_size, device, spec.in_shape, spec.out_shape, with_ids=inp.sample_losses)
         if inp.record_keys:
             feed.keys = []
         source = iter(feed)
@@ -235,6 +248,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 study_id=inp.study_id,
                 field_input=spec.field_input,
                 validation_set=inp.validation_set,
+                sampler=inp.sampler,
             )
             version = store.publish(inp.model_name, net, card)
             store.prune(inp.model_name, t.keep_versions, inp.study_id)
@@ -257,11 +271,24 @@ def train_worker(config: dict[str, Any]) -> None:
             checkpoint = ray.train.Checkpoint.from_directory(str(saved))
         ray.train.report(numbers, checkpoint=checkpoint)
 
+    # An adaptive sampler learns where the surrogate is wrong from the training losses of each simulation:
+    # every rank sums them by simulation id and sends what it has every LOSS_REPORT_S (fire and forget).
+    sim_losses = SimulationLosses()
+    last_losses = [time.perf_counter()]
+
+    def on_sample_losses(ids: np.ndarray, losses: np.ndarray) -> None:
+        sim_losses.add(ids, losses)
+        now = time.perf_counter()
+        if now - last_losses[0] >= LOSS_REPORT_S:
+            last_losses[0] = now
+            control.report_sim_losses.remote(*sim_losses.drain())
+
     hooks = LoopHooks(
         validate=lambda: _validate(net, x_val, y_val, norm, world),
         on_progress=progress,
         on_validate=on_validate,
         reduce_moments=(lambda m: _reduce_moments(m, world)) if world > 1 else None,
+        on_sample_losses=on_sample_losses if feed is not None and inp.sample_losses else None,
     )
     stats = run_loop(
         model,
@@ -278,6 +305,8 @@ def train_worker(config: dict[str, Any]) -> None:
     )
     if feed is not None:
         feed.close()
+    if len(sim_losses):
+        ray.get(control.report_sim_losses.remote(*sim_losses.drain()))
     state: dict[str, Any] = {
         "digest": weights_digest(net),
         "normalisation": norm.to_dict(),

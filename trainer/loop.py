@@ -152,12 +152,17 @@ class Normaliser:
         )
 
 
-def rel_l2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over samples of ``||pred - target|| / ||target||`` (the FNO paper's LpLoss, p=2)."""
+def rel_l2_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``||pred - target|| / ||target||`` of each sample ``(B,)``."""
     b = pred.shape[0]
     diff = (pred - target).reshape(b, -1).norm(dim=1)  # (B,)
     ref = target.reshape(b, -1).norm(dim=1).clamp_min(1e-12)  # (B,)
-    return (diff / ref).mean()
+    return diff / ref
+
+
+def rel_l2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of ``||pred - target|| / ||target||`` (the FNO paper's LpLoss, p=2)."""
+    return rel_l2_per_sample(pred, target).mean()
 
 
 def lr_at(
@@ -187,7 +192,17 @@ def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.mean((pred - target) ** 2)
 
 
+def mse_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of each sample ``(B,)``; their mean is ``mse`` (every sample has as many values)."""
+    return ((pred - target) ** 2).reshape(pred.shape[0], -1).mean(dim=1)
+
+
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"rel_l2": rel_l2, "mse": mse}
+# The same losses sample by sample: the mean of these is the loss above, to rounding.
+PER_SAMPLE: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "rel_l2": rel_l2_per_sample,
+    "mse": mse_per_sample,
+}
 
 
 def train_step(
@@ -198,13 +213,24 @@ def train_step(
     norm: Normaliser,
     lr: float,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = rel_l2,
+    per_sample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    keep: Callable[[torch.Tensor], None] | None = None,
 ) -> float:
-    """One optimiser step on a batch; returns the loss (in physical units, relative L2 by default)."""
+    """One optimiser step on a batch; returns the loss (in physical units, relative L2 by default).
+
+    With ``per_sample`` (the per-sample form of ``loss_fn``) the loss is the mean of the per-sample losses,
+    which ``keep`` receives detached ``(B,)``: the losses of the batch the step trained on, for free."""
     for g in opt.param_groups:
         g["lr"] = lr
     model.train()
     pred = norm.decode(model(norm.encode_x(x)))  # (B, C, *grid)
-    loss = loss_fn(pred, y.view_as(pred))
+    if per_sample is not None:
+        each = per_sample(pred, y.view_as(pred))  # (B,)
+        loss = each.mean()
+        if keep is not None:
+            keep(each.detach())
+    else:
+        loss = loss_fn(pred, y.view_as(pred))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -281,6 +307,41 @@ class LoopHooks:
     on_validate: Callable[[LoopStats], None] | None = None
     should_stop: Callable[[], bool] | None = None
     reduce_moments: Callable[[Moments], Moments] | None = None
+    # ``(sim_ids [B], losses [B])`` of every step whose batch carries the simulation ids (adaptive sampling).
+    on_sample_losses: Callable[[np.ndarray, np.ndarray], None] | None = None
+
+
+class SimulationLosses:
+    """Per-sample training losses summed by simulation id until drained: what a trainer rank reports to
+    an adaptive sampler (one message per interval for every simulation seen, not one per sample)."""
+
+    def __init__(self) -> None:
+        self._sum: dict[int, float] = {}
+        self._count: dict[int, int] = {}
+
+    def add(self, sim_ids: np.ndarray, losses: np.ndarray) -> None:
+        ids = np.asarray(sim_ids, dtype=np.int64).reshape(-1)
+        loss = np.asarray(losses, dtype=np.float64).reshape(-1)
+        if ids.shape != loss.shape:
+            raise ValueError(f"sim_ids {list(ids.shape)} and losses {list(loss.shape)} must match")
+        ok = np.isfinite(loss)
+        uniq, inv = np.unique(ids[ok], return_inverse=True)
+        sums = np.bincount(inv, weights=loss[ok], minlength=len(uniq))
+        counts = np.bincount(inv, minlength=len(uniq))
+        for i, total, c in zip(uniq.tolist(), sums.tolist(), counts.tolist(), strict=True):
+            self._sum[i] = self._sum.get(i, 0.0) + total
+            self._count[i] = self._count.get(i, 0) + c
+
+    def __len__(self) -> int:
+        return len(self._sum)
+
+    def drain(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(sim_ids [n], mean losses [n], sample counts [n])`` since the last drain, then empty."""
+        ids = np.fromiter(self._sum, dtype=np.int64, count=len(self._sum))
+        means = np.array([self._sum[i] / self._count[i] for i in ids.tolist()], dtype=np.float64)
+        counts = np.array([self._count[i] for i in ids.tolist()], dtype=np.int64)
+        self._sum, self._count = {}, {}
+        return ids, means, counts
 
 
 def run_loop(
@@ -303,15 +364,17 @@ def run_loop(
     ``opt`` is the Adam optimiser over ``model`` (made here if not given); a resumed run passes the
     restored one with ``start``, the counters it had reached, and goes on from ``start.step``.
 
-    A batch is ``(x, y)`` or ``(x, y, rows)`` where ``rows`` counts the samples of the step over every
-    rank (``samples_seen`` is then exact in data-parallel training). The iterator may yield ``None`` at
-    the end of the stream; the loop then validates once more and stops. During the first
-    ``norm_steps`` steps every batch also updates ``norm``'s running statistics.
+    A batch is ``(x, y)``, ``(x, y, rows)`` or ``(x, y, rows, sim_ids)``: ``rows`` counts the samples of the
+    step over every rank (``samples_seen`` is then exact in data-parallel training); ``sim_ids [B]`` (numpy)
+    name each row's simulation, and ``hooks.on_sample_losses`` then gets the step's per-sample losses.
+    The iterator may yield ``None`` at the end of the stream; the loop then validates once more and stops.
+    During the first ``norm_steps`` steps every batch also updates ``norm``'s running statistics.
     """
     steps = schedule.total_steps
     if opt is None:
         opt = torch.optim.Adam(model.parameters(), lr=schedule.base_lr)
     loss_fn = LOSSES[loss]
+    per_sample = PER_SAMPLE[loss] if hooks.on_sample_losses is not None else None
     stats = start if start is not None else LoopStats()
     it = iter(batches)
 
@@ -336,7 +399,21 @@ def run_loop(
             # The first steps refine the normalisation statistics from the stream itself, then they are frozen.
             m = Moments.of(x.detach().cpu().numpy() if field_input else None, y.detach().cpu().numpy())
             norm.absorb(hooks.reduce_moments(m) if hooks.reduce_moments is not None else m)
-        stats.loss = train_step(model, opt, x, y, norm, schedule.lr(stats.step), loss_fn)
+        kept: list[torch.Tensor] = []
+        ids = batch[3] if per_sample is not None and len(batch) > 3 else None
+        stats.loss = train_step(
+            model,
+            opt,
+            x,
+            y,
+            norm,
+            schedule.lr(stats.step),
+            loss_fn,
+            per_sample if ids is not None else None,
+            kept.append if ids is not None else None,
+        )
+        if ids is not None and kept and hooks.on_sample_losses is not None:
+            hooks.on_sample_losses(np.asarray(ids), kept[0].float().cpu().numpy())
         stats.compute_s += time.perf_counter() - t1
         stats.step += 1
         stats.samples_seen += rows
@@ -362,6 +439,7 @@ def make_card(
     study_id: str,
     field_input: bool = False,
     validation_set: str | None = None,
+    sampler: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The model card (see DESIGN: model store). ``validation_set`` fingerprints the simulations the
     validation error was measured on: errors of two versions compare only when it is the same."""
@@ -384,6 +462,7 @@ def make_card(
         "validation_error": _finite_or_none(stats.validation_error),
         "study_id": study_id,
         "validation_set": validation_set,
+        **({"sampler": dict(sampler)} if sampler else {}),
         "format": "safetensors",
     }
 
@@ -404,6 +483,7 @@ __all__ = [
     "Moments",
     "Normaliser",
     "Schedule",
+    "SimulationLosses",
     "evaluate",
     "lr_at",
     "make_card",

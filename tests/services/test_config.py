@@ -36,6 +36,15 @@ def test_shipped_config_loads(path: Path) -> None:
         ({"trainig": {}}, "trainig: Extra inputs are not permitted"),
         ({"training": {"arch": {"depth": 3}}}, "training: unknown mlp setting(s) ['depth']"),
         ({"simulations": -1}, "simulations: Input should be greater than or equal to 1"),
+        ({"sampler": {"kind": "breed", "breed": {"start": 0.8, "end": 0.5}}}, "start (0.8) must not exceed end"),
+        ({"sampler": {"kind": "breed", "breed": {"sigma": 0}}}, "sampler.breed.sigma: Input should be greater"),
+        ({"sampler": {"kind": "breed", "breed": {"sigmas": 0.1}}}, "sampler.breed.sigmas: Extra inputs"),
+        ({"sampler": {"breed": {"sigma": 0.1}}}, "sampler.breed is set but sampler.kind is 'uniform'"),
+        ({"sampler": {"kind": "ogas"}}, "sampler.kind: Input should be 'uniform', 'sobol' or 'breed'"),
+        (
+            {"problem": {"solver": "ks1d", "config": {}}, "sampler": {"kind": "breed"}},
+            "breed moves parameter points, and solver 'ks1d' has no scalar parameters",
+        ),
     ],
 )
 def test_invalid_config_names_the_field(data: dict, message: str) -> None:

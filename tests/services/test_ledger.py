@@ -103,3 +103,54 @@ def test_a_last_line_cut_short_is_ignored_and_a_damaged_one_refused(tmp_path: Pa
         _replay("uniform", journal)
     with pytest.raises(LedgerError, match="cannot read"):
         _replay("uniform", tmp_path / "missing.jsonl")
+
+
+def test_an_adaptive_samplers_points_are_journalled_and_replayed_not_redrawn(tmp_path: Path) -> None:
+    """Breed's draws depend on losses that a replay never sees again: the journal keeps the points drawn,
+    and the resumed ledger hands out exactly those, and then goes on drawing inside the box."""
+    from services.sampling import BreedSampler
+
+    journal = tmp_path / "ledger.jsonl"
+    live = SimulationIds(BreedSampler(SPACE, seed=3, start=0.5, end=0.5), 3, 40, 3, journal=journal)
+    first = live.take(8, "actors")
+    assert first is not None
+    # Losses for the first points steer the next draws (bred near the worst one).
+    losses = np.zeros(8)
+    losses[2] = 1.0
+    assert live.observe(first.ids, losses) == 8
+    second = live.take(8, "actors")
+    assert second is not None
+    live.settle(first.ids, "done")
+    live.close()  # the driver dies with `second` out
+    again = SimulationIds.replay(journal, BreedSampler(SPACE, seed=3, start=0.5, end=0.5), 3, 40, 3)
+    retried = [again.take(1, "actors") for _ in range(8)]
+    assert sorted(int(r.ids[0]) for r in retried) == second.ids.tolist()
+    by_id = {int(r.ids[0]): r.params[0] for r in retried}
+    np.testing.assert_array_equal(np.stack([by_id[i] for i in second.ids.tolist()]), second.params)
+    more = again.take(8, "actors")
+    assert more is not None and more.ids.tolist() == list(range(16, 24))
+    assert np.all((more.params >= SPACE.low) & (more.params <= SPACE.high))
+
+
+def test_observed_losses_reach_the_sampler_by_point_and_bad_ones_are_dropped() -> None:
+    seen: list[tuple[np.ndarray, np.ndarray]] = []
+
+    class Recording(Sampler):
+        adaptive = True
+
+        def observe(self, params: np.ndarray, losses: np.ndarray) -> None:
+            seen.append((params.copy(), losses.copy()))
+
+    s = SimulationIds(Recording(SPACE, "uniform", seed=1), 1, 10, 3)
+    got = s.take(4, "actors")
+    assert got is not None
+    s.settle(got.ids[:2], "done")  # settled ids keep their points: losses arrive after a simulation ends
+    n = s.observe(np.array([3, 0, 99, 1, 2]), np.array([0.3, 0.1, 5.0, np.nan, -1.0]))
+    assert n == 2  # 99 never handed out, a NaN and a negative loss dropped
+    ((params, losses),) = seen
+    np.testing.assert_array_equal(params, got.params[[3, 0]])
+    np.testing.assert_array_equal(losses, [0.3, 0.1])
+    # A sampler whose draws ignore losses is never sent any.
+    plain = _ledger("uniform")
+    plain.take(2, "actors")
+    assert plain.observe(np.array([0, 1]), np.array([1.0, 2.0])) == 0

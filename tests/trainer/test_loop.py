@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from trainer.loop import LoopHooks, Moments, Normaliser, Schedule, evaluate, lr_at, rel_l2, run_loop
+from trainer.loop import (
+    LOSSES,
+    PER_SAMPLE,
+    LoopHooks,
+    Moments,
+    Normaliser,
+    Schedule,
+    SimulationLosses,
+    evaluate,
+    lr_at,
+    rel_l2,
+    run_loop,
+)
 from trainer.models import build_model
 
 
@@ -149,3 +162,58 @@ def test_schedule_object_is_lr_at() -> None:
         assert s.lr(step) == lr_at(step, 1e-3, 1000, 10, schedule="step", decay_every=100, decay_gamma=0.5)
     with pytest.raises(ValueError, match="schedule"):
         Schedule(1e-3, 10, kind="linear")
+
+
+@pytest.mark.parametrize("loss", ["rel_l2", "mse"])
+def test_per_sample_losses_average_to_the_loss(loss: str) -> None:
+    torch.manual_seed(1)
+    pred, target = torch.randn(7, 2, 5), torch.randn(7, 2, 5)
+    each = PER_SAMPLE[loss](pred, target)
+    assert each.shape == (7,)
+    assert float(each.mean()) == pytest.approx(float(LOSSES[loss](pred, target)), rel=1e-6)
+    # rel_l2 of one sample by hand: ||p - t|| / ||t||
+    if loss == "rel_l2":
+        assert float(each[3]) == pytest.approx(float((pred[3] - target[3]).norm() / target[3].norm()), rel=1e-6)
+
+
+def test_the_loop_reports_each_rows_loss_with_its_simulation_id_and_the_step_loss_is_their_mean() -> None:
+    torch.manual_seed(0)
+    x, y = _linear_problem(64)
+    model = build_model("mlp", 3, 1, (2, 2), hidden=8, layers=1)
+    ids = np.arange(64) // 8  # 8 rows per simulation
+    reported: list[tuple[np.ndarray, np.ndarray]] = []
+    losses: list[float] = []
+
+    def batches():
+        for k in range(4):
+            rows = slice(16 * k, 16 * (k + 1))
+            yield x[rows], y[rows], 16, ids[rows]
+
+    run_loop(
+        model,
+        batches(),
+        Normaliser(5.0, 1.0),
+        Schedule(1e-3, 4),
+        LoopHooks(
+            validate=lambda: 0.5,
+            on_sample_losses=lambda i, v: reported.append((i, v)),
+            on_progress=lambda s: losses.append(s.loss),
+        ),
+        validate_every=10,
+    )
+    assert [r[0].tolist() for r in reported] == [ids[16 * k : 16 * (k + 1)].tolist() for k in range(4)]
+    for (_, v), step_loss in zip(reported, losses, strict=True):
+        assert v.shape == (16,) and np.all(v >= 0)
+        assert float(v.mean()) == pytest.approx(step_loss, rel=1e-5)
+
+
+def test_simulation_losses_are_summed_by_id_and_drained_once() -> None:
+    acc = SimulationLosses()
+    acc.add(np.array([4, 1, 4, 9]), np.array([1.0, 2.0, 3.0, np.nan]))  # a NaN (diverged row) is left out
+    acc.add(np.array([1]), np.array([4.0]))
+    ids, means, counts = acc.drain()
+    got = {int(i): (float(m), int(c)) for i, m, c in zip(ids, means, counts, strict=True)}
+    assert got == {4: (2.0, 2), 1: (3.0, 2)}
+    assert len(acc) == 0 and acc.drain()[0].size == 0
+    with pytest.raises(ValueError, match="must match"):
+        acc.add(np.array([1, 2]), np.array([1.0]))
