@@ -111,16 +111,49 @@ class BreedConfig(_Strict):
         return self
 
 
+class UncertaintyConfig(_Strict):
+    """Draws where the study's latest published ensemble disagrees most (``services.sampling.UncertaintySampler``)."""
+
+    fraction: float = Field(0.5, ge=0, le=1, description="share of each draw picked by the ensemble's disagreement")
+    pool: int = Field(512, ge=1, le=1_000_000, description="uniform candidate points scored per draw (at least 4x)")
+    diversity: float = Field(
+        0.05, ge=0, le=2, description="least distance between picked points, in the unit cube of the parameters"
+    )
+    mix: Literal["uniform", "breed"] = Field("uniform", description="where the other points come from")
+    refresh_s: float = Field(10.0, gt=0, le=3600, description="how often the study loads the newest ensemble")
+
+
 class SamplerConfig(_Strict):
-    kind: Literal["uniform", "sobol", "breed"] = "uniform"
+    kind: Literal["uniform", "sobol", "breed", "uncertainty"] = "uniform"
     seed: int = Field(0, ge=0)
     breed: BreedConfig | None = Field(None, description="settings of kind 'breed' (defaults: Melissa's)")
+    uncertainty: UncertaintyConfig | None = Field(None, description="settings of kind 'uncertainty'")
 
     @model_validator(mode="after")
     def _settings_of_kind(self) -> SamplerConfig:
-        if self.breed is not None and self.kind != "breed":
-            raise ValueError(f"sampler.breed is set but sampler.kind is {self.kind!r}: set kind: breed, or drop it")
+        if self.breed is not None and not self.breeds:
+            raise ValueError(
+                f"sampler.breed is set but sampler.kind is {self.kind!r}: set kind: breed (or uncertainty with "
+                "uncertainty.mix: breed), or drop it"
+            )
+        if self.uncertainty is not None and self.kind != "uncertainty":
+            raise ValueError(
+                f"sampler.uncertainty is set but sampler.kind is {self.kind!r}: set kind: uncertainty, or drop it"
+            )
         return self
+
+    @property
+    def breeds(self) -> bool:
+        """Whether some draws are bred (kind breed, or an uncertainty sampler mixing with breed)."""
+        return self.kind == "breed" or (self.kind == "uncertainty" and self.uncertainty_settings().mix == "breed")
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether draws depend on what training reports."""
+        return self.kind in ("breed", "uncertainty")
+
+    def uncertainty_settings(self) -> UncertaintyConfig:
+        return self.uncertainty or UncertaintyConfig()
 
     def breed_settings(self) -> dict[str, Any]:
         return (self.breed or BreedConfig()).model_dump()
@@ -176,6 +209,13 @@ class TrainingConfig(_Strict):
         60.0, gt=0, le=3600, description="a stop (DELETE, SIGTERM) waits this long for the last checkpoint"
     )
     threads: int | None = Field(None, ge=1, description="torch threads per worker (default: Ray's CPU share)")
+    ensemble: int = Field(
+        1,
+        ge=1,
+        le=32,
+        description="members of a deep ensemble trained together on the stream (1: a single model); predictions "
+        "then carry a calibrated standard deviation",
+    )
 
     @field_validator("model")
     @classmethod
@@ -242,14 +282,26 @@ class StudyConfig(_Strict):
 
     @model_validator(mode="after")
     def _fed(self) -> StudyConfig:
-        if self.sampler.kind == "breed":
+        kind = self.sampler.kind
+        if self.sampler.adaptive:
             if self.problem.spec().params.dim == 0:
                 raise ValueError(
-                    f"sampler.kind: breed moves parameter points, and solver {self.problem.solver!r} has no "
+                    f"sampler.kind: {kind} moves parameter points, and solver {self.problem.solver!r} has no "
                     "scalar parameters (its inputs are random fields): use uniform"
                 )
             if self.dataset is not None:
-                raise ValueError("sampler.kind: breed steers the simulations a study runs; a dataset study runs none")
+                raise ValueError(f"sampler.kind: {kind} steers the simulations a study runs; a dataset study runs none")
+        if kind == "uncertainty":
+            if self.training.ensemble < 2:
+                raise ValueError(
+                    "sampler.kind: uncertainty draws where an ensemble's members disagree: set training.ensemble "
+                    f"to 2 or more (it is {self.training.ensemble})"
+                )
+            if self.problem.spec().field_input:
+                raise ValueError(
+                    "sampler.kind: uncertainty scores parameter points with the model, and this problem's model "
+                    "takes input fields: use breed or uniform"
+                )
         if self.training.validation_dataset is not None:
             from trainer.dataset import Dataset, DatasetError
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from scipy.stats import qmc
 
 from solvers.base import ParamSpace
+
+log = logging.getLogger("surge.sampling")
 
 
 class Sampler:
@@ -192,11 +196,117 @@ class BreedSampler:
         return sampler
 
 
-def make_sampler(space: ParamSpace, kind: str, seed: int, breed: dict[str, Any] | None = None) -> Any:
-    """The sampler a study's config names: ``Sampler`` (uniform, sobol) or ``BreedSampler`` (breed, with the
-    settings ``breed``)."""
+class UncertaintySampler:
+    """Draws where the ensemble being trained disagrees most (active learning by query-by-committee).
+
+    Of each draw of ``n``, ``round(fraction * n)`` points are picked from a pool of ``max(pool, 4 * k)``
+    uniform candidates: the highest scores first (``scorer``: points ``[m, P]`` -> disagreement ``[m]``,
+    the study's latest published ensemble), skipping a candidate closer than ``diversity`` (Euclidean, in
+    the unit cube) to one already picked, so that one sharp peak of the score does not take the whole
+    draw. The other points come from ``mix`` (uniform draws, or a ``BreedSampler``). Until a scorer is
+    set (no ensemble published yet) every point comes from ``mix``.
+    """
+
+    adaptive = True
+    kind = "uncertainty"
+
+    def __init__(
+        self,
+        space: ParamSpace,
+        seed: int = 0,
+        fraction: float = 0.5,
+        pool: int = 512,
+        diversity: float = 0.05,
+        mix: Any = None,
+    ) -> None:
+        if not (0.0 <= fraction <= 1.0):
+            raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
+        if isinstance(pool, bool) or not isinstance(pool, int | np.integer) or pool < 1:
+            raise ValueError(f"pool must be an integer >= 1, got {pool!r}")
+        if not (np.isfinite(diversity) and diversity >= 0):
+            raise ValueError(f"diversity must be finite and >= 0, got {diversity}")
+        self.space = space
+        self.seed = seed
+        self.uncertain_fraction = float(fraction)
+        self.pool = int(pool)
+        self.diversity = float(diversity)
+        # The mix sampler gets its own stream (seed + 1) so that its draws do not depend on whether a
+        # scorer was set: a mix of uniform draws is the uniform sampler of seed + 1 with points taken out.
+        self.mix = mix if mix is not None else Sampler(space, "uniform", seed + 1)
+        self._rng = np.random.default_rng(seed)
+        self._scorer: Callable[[np.ndarray], np.ndarray] | None = None
+        self.scored = 0  # points chosen by their score so far
+
+    def set_scorer(self, scorer: Callable[[np.ndarray], np.ndarray] | None) -> None:
+        """The disagreement of the current ensemble at given points (``None``: none published yet)."""
+        self._scorer = scorer
+
+    def observe(self, params: np.ndarray, losses: np.ndarray) -> None:
+        """Training losses per simulation, for a breed mix; uniform mixing ignores them."""
+        self.mix.observe(params, losses)
+
+    def fraction(self) -> float:
+        """The bred fraction of a breed mix (what the study snapshot shows), 0 for uniform mixing."""
+        return self.mix.fraction() if hasattr(self.mix, "fraction") else 0.0
+
+    def draw(self, n: int) -> np.ndarray:
+        """The next ``n`` parameter sets ``[n, P]``, all inside the box."""
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+            raise ValueError(f"n must be an integer >= 0, got {n!r}")
+        scorer = self._scorer  # one scorer for the whole draw, whatever the study swaps in meanwhile
+        k = round(self.uncertain_fraction * n) if scorer is not None and self.space.dim else 0
+        picked = self._pick(k, scorer) if k else np.empty((0, self.space.dim))
+        rest = self.mix.draw(n - len(picked))
+        if not len(picked):  # no scorer yet: exactly the mix's draws
+            return rest
+        self.scored += len(picked)
+        return np.concatenate([picked, rest])[self._rng.permutation(n)]  # (n, P), picked ones at random places
+
+    def _pick(self, k: int, scorer: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """``k`` points among the pool's highest scores, at least ``diversity`` apart where the pool allows."""
+        unit = self._rng.random((max(self.pool, 4 * k), self.space.dim))  # (m, P)
+        cand = np.minimum(self.space.scale(unit), self.space.high)
+        try:
+            scores = np.asarray(scorer(cand), dtype=np.float64).reshape(-1)
+        except Exception as e:  # a model that cannot score (being swapped, say): these points go to the mix
+            log.warning("uncertainty scores failed (%s: %s); drawing from the mix instead", type(e).__name__, e)
+            return np.empty((0, self.space.dim))
+        if scores.shape != (len(cand),):
+            raise ValueError(f"the scorer returned {list(scores.shape)} scores for {len(cand)} points")
+        scores = np.where(np.isfinite(scores), scores, -np.inf)
+        order = np.argsort(-scores, kind="stable")
+        chosen: list[int] = []
+        for i in order:
+            if len(chosen) == k:
+                break
+            if chosen and np.min(np.linalg.norm(unit[chosen] - unit[i], axis=1)) < self.diversity:
+                continue
+            chosen.append(int(i))
+        if len(chosen) < k:  # the pool is too crowded for the diversity asked: the best of the rest
+            taken = set(chosen)
+            rest = [int(i) for i in order if int(i) not in taken]
+            chosen += rest[: k - len(chosen)]
+        return cand[chosen]
+
+
+def make_sampler(
+    space: ParamSpace,
+    kind: str,
+    seed: int,
+    breed: dict[str, Any] | None = None,
+    uncertainty: dict[str, Any] | None = None,
+) -> Any:
+    """The sampler a study's config names: ``Sampler`` (uniform, sobol), ``BreedSampler`` (breed, with the
+    settings ``breed``) or ``UncertaintySampler`` (uncertainty, with ``uncertainty``; its ``mix`` names the
+    sampler of the other points, a breed mix taking the settings ``breed``)."""
     if kind == "breed":
         return BreedSampler(space, seed, **(breed or {}))
+    if kind == "uncertainty":
+        u = dict(uncertainty or {})
+        u.pop("refresh_s", None)  # the study's business: how often it loads a new scorer
+        mix_kind = u.pop("mix", "uniform")
+        mix = BreedSampler(space, seed + 1, **(breed or {})) if mix_kind == "breed" else None
+        return UncertaintySampler(space, seed, mix=mix, **u)
     return Sampler(space, kind, seed)
 
 

@@ -98,6 +98,8 @@ class SamplerFigures(_Part):
     kind: str = Field("uniform", description="sampler.kind of the study")
     losses_observed: int = Field(0, description="per-simulation training losses an adaptive sampler learnt from")
     bred_fraction: float | None = Field(None, description="breed: the fraction of the next draws bred")
+    scored: int = Field(0, description="uncertainty: simulations placed where the ensemble disagreed most")
+    scorer_version: int | None = Field(None, description="uncertainty: the model version scoring the draws")
 
 
 class StudySnapshot(_Part):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -44,7 +45,9 @@ from services.snapshot import (
 )
 from services.training import WorkerInputs, train_worker, validation_fingerprint, validation_set
 from trainer.dataset import Dataset
+from trainer.ensemble import point_scores
 from trainer.problem import ProblemSpec
+from trainer.store import ModelStore, StoreError
 
 log = logging.getLogger("surge.study")
 
@@ -91,9 +94,17 @@ class Study:
         self.dir = study_dir(self.store_root, self.id)
         self.resumed = resume
         sc = config.sampler
-        sampler = make_sampler(self.spec.params, sc.kind, sc.seed, sc.breed_settings() if sc.kind == "breed" else None)
+        sampler = make_sampler(
+            self.spec.params,
+            sc.kind,
+            sc.seed,
+            sc.breed_settings() if sc.breeds else None,
+            sc.uncertainty_settings().model_dump() if sc.kind == "uncertainty" else None,
+        )
         self.sampler = sampler
         self.losses_observed = 0  # per-simulation losses passed to an adaptive sampler
+        self.scorer_version: int | None = None  # the model version scoring an uncertainty sampler's draws
+        self._scorer_checked = -math.inf
         ledger_args = (sampler, config.sampler.seed, config.simulations, config.solvers.max_attempts)
         self._lockfile: Any = None
         if resume:
@@ -344,7 +355,7 @@ class Study:
             record_keys=self.record_keys,
             validation_set=validation_key,
             sample_losses=bool(self.sampler.adaptive),
-            sampler={"kind": self.config.sampler.kind, "seed": self.config.sampler.seed},
+            sampler=self._sampler_card(),
         )
         # Ray Train's own files live with the study's (a store every node of a cluster shares), not in /tmp.
         storage = self.dir / "ray-train"
@@ -364,6 +375,16 @@ class Study:
                 failure_config=FailureConfig(max_failures=t.max_failures),
             ),
         )
+
+    def _sampler_card(self) -> dict[str, Any]:
+        """How the simulations were chosen, as the model card records it."""
+        sc = self.config.sampler
+        out: dict[str, Any] = {"kind": sc.kind, "seed": sc.seed}
+        if sc.breeds:
+            out["breed"] = sc.breed_settings()
+        if sc.kind == "uncertainty":
+            out["uncertainty"] = sc.uncertainty_settings().model_dump()
+        return out
 
     def _fail(self, message: str) -> None:
         """Stop the study with an error (the trainer still publishes what it has learnt)."""
@@ -390,6 +411,8 @@ class Study:
                 st, restarted = None, []
             if self.sampler.adaptive:
                 self._feed_sampler()
+            if self.config.sampler.kind == "uncertainty":
+                self._refresh_scorer()
             for r in restarted:
                 log.warning("study %s: buffer shard %d was restarted (the samples it held are lost)", self.id, r)
                 if self._buffer_state != "open":  # the new process must end its stream as the old one would have
@@ -417,6 +440,29 @@ class Study:
             return
         if ids:
             self.losses_observed += self.ids.observe(np.asarray(ids), np.asarray(losses))
+
+    def _refresh_scorer(self) -> None:
+        """Score the uncertainty sampler's candidates with the newest ensemble this study published (loaded at
+        most every ``refresh_s``; another study's versions under the same name are not this study's model)."""
+        now = time.monotonic()
+        if now - self._scorer_checked < self.config.sampler.uncertainty_settings().refresh_s:
+            return
+        self._scorer_checked = now
+        store = ModelStore(self.store_root)
+        name = self.config.served_name
+        for v in reversed(store.versions(name)):
+            if v == self.scorer_version:
+                return
+            try:
+                if store.card(name, v).training.study_id != self.id:
+                    continue
+                m = store.load(name, v)
+            except StoreError as e:  # pruned or half-synced meanwhile: try again at the next refresh
+                log.warning("study %s: cannot load version %d to score draws: %s", self.id, v, e)
+                return
+            self.sampler.set_scorer(lambda pts, m=m, spec=self.spec: point_scores(m.model, m.normaliser, spec, pts))
+            self.scorer_version = v
+            return
 
     def _write_progress(self) -> None:
         """The snapshot as a file next to the models: the gateway reads studies (and their metrics) from it,
@@ -570,7 +616,9 @@ class Study:
             sampler=SamplerFigures(
                 kind=self.config.sampler.kind,
                 losses_observed=self.losses_observed,
-                bred_fraction=self.sampler.fraction() if hasattr(self.sampler, "fraction") else None,
+                bred_fraction=self.sampler.fraction() if self.config.sampler.breeds else None,
+                scored=getattr(self.sampler, "scored", 0),
+                scorer_version=self.scorer_version,
             ),
             ingest=self.feed.stats() if self.feed is not None else None,
         ).to_dict()

@@ -29,6 +29,7 @@ from services.dataplane import ShardBatches
 from services.metrics import PROGRESS_DIR
 from trainer.checkpoint import latest_state_dir, load_training_state, save_state_dir, state_step
 from trainer.dataset import Dataset
+from trainer.ensemble import Calibration, build_ensemble, calibrate, ensemble_spread, members_of, ratio_histogram
 from trainer.loop import (
     LoopHooks,
     LoopStats,
@@ -38,9 +39,9 @@ from trainer.loop import (
     SimulationLosses,
     evaluate,
     make_card,
+    rel_l2_per_sample,
     run_loop,
 )
-from trainer.models import build_model
 from trainer.problem import ProblemSpec
 from trainer.store import ModelStore
 
@@ -112,6 +113,40 @@ def _validate(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, norm: Norm
     return float(tot[0] / tot[1].clamp_min(1))
 
 
+def _validate_ensemble(
+    net: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    norm: Normaliser,
+    world: int,
+    first_half: torch.Tensor,
+) -> tuple[float, Calibration]:
+    """The validation error of the members' mean and the ensemble's calibration: ``std_scale`` fitted on the
+    validation samples of the first half (``first_half [n_local]`` bool: the first half of the simulations),
+    coverage measured on the second. Ranks sum their errors and their ratio histograms."""
+    n_local = x.shape[0]
+    members = members_of(net)
+    err_sum = 0.0
+    if n_local:
+        mean, spread = ensemble_spread(net, x, norm)  # (n, C, *grid) each
+        target = y.view_as(mean)
+        err_sum = float(rel_l2_per_sample(mean, target).sum())
+        diff = mean - target
+        fit, check = (
+            ratio_histogram(diff[first_half], spread[first_half]),
+            ratio_histogram(diff[~first_half], spread[~first_half]),
+        )
+    else:
+        fit = check = ratio_histogram(torch.zeros(0), torch.zeros(0))
+    if world == 1:
+        return err_sum / max(1, n_local), calibrate(fit, check, members)
+    tot = torch.cat([torch.tensor([err_sum, float(n_local)], dtype=torch.float64), fit, check]).to(x.device)
+    torch.distributed.all_reduce(tot)
+    tot = tot.cpu()
+    bins = fit.numel()
+    return float(tot[0] / tot[1].clamp_min(1)), calibrate(tot[2 : 2 + bins], tot[2 + bins :], members)
+
+
 def weights_digest(net: torch.nn.Module) -> str:
     """A hash of the model's parameters (ranks in step hold identical weights)."""
     h = hashlib.sha256()
@@ -146,7 +181,8 @@ def train_worker(config: dict[str, Any]) -> None:
     arch = dict(t.arch)
     in_ch, out_ch = spec.in_channels, len(spec.outputs)
     torch.manual_seed(inp.seed)
-    net = build_model(t.model, in_ch, out_ch, spec.grid, field_input=spec.field_input, **arch)
+    # An ensemble's members draw their initial weights one after another from this seeded generator.
+    net = build_ensemble(t.ensemble, t.model, in_ch, out_ch, spec.grid, field_input=spec.field_input, **arch)
     model = ray.train.torch.prepare_model(net)
     net = net.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=t.lr)
@@ -176,6 +212,16 @@ def train_worker(config: dict[str, Any]) -> None:
     # np.array copies: object-store arrays are read-only
     x_val = torch.from_numpy(np.array(x_val_np[mine])).view(mine.size, *spec.in_shape).to(device)
     y_val = torch.from_numpy(np.array(y_val_np[mine])).view(mine.size, *spec.out_shape).to(device)
+    # An ensemble fits its std_scale on the first half of the validation simulations (their samples come
+    # simulation by simulation) and measures its coverage on the second.
+    first_half = torch.from_numpy(mine < x_val_np.shape[0] // 2).to(device)
+    calibration: list[Calibration | None] = [None]
+
+    def validate() -> float:
+        if t.ensemble == 1:
+            return _validate(net, x_val, y_val, norm, world)
+        err, calibration[0] = _validate_ensemble(net, x_val, y_val, norm, world, first_half)
+        return err
 
     feed: ShardBatches | None = None
     offline_keys: list[Any] | None = None
@@ -249,6 +295,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 field_input=spec.field_input,
                 validation_set=inp.validation_set,
                 sampler=inp.sampler,
+                ensemble=calibration[0].to_dict() if calibration[0] is not None else None,
             )
             version = store.publish(inp.model_name, net, card)
             store.prune(inp.model_name, t.keep_versions, inp.study_id)
@@ -284,7 +331,7 @@ def train_worker(config: dict[str, Any]) -> None:
             control.report_sim_losses.remote(*sim_losses.drain())
 
     hooks = LoopHooks(
-        validate=lambda: _validate(net, x_val, y_val, norm, world),
+        validate=validate,
         on_progress=progress,
         on_validate=on_validate,
         reduce_moments=(lambda m: _reduce_moments(m, world)) if world > 1 else None,

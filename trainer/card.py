@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainer.ensemble import Calibration
 from trainer.loop import Normaliser
 from trainer.problem import ProblemSpec
 
@@ -30,6 +31,7 @@ _KNOWN = {
     "name",
     "version",
     "created_at",
+    "ensemble",
 }
 
 
@@ -83,6 +85,7 @@ class ModelCard:
     version: int | None = None
     created_at: float = 0.0
     format: str = "safetensors"
+    ensemble: Calibration | None = None  # an ensemble's members and calibration; None: a single model
     problem_dict: dict[str, Any] = field(default_factory=dict, repr=False)  # as stored (shown by the gateway)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys written by a newer Surge
 
@@ -120,6 +123,7 @@ class ModelCard:
                 version=int(d["version"]) if d.get("version") is not None else None,
                 created_at=float(d.get("created_at") or 0.0),
                 format=str(d.get("format", "safetensors")),
+                ensemble=Calibration.from_dict(d["ensemble"]) if d.get("ensemble") is not None else None,
                 problem_dict=dict(d["problem"]),
                 extra={k: v for k, v in d.items() if k not in _KNOWN},
             )
@@ -149,9 +153,16 @@ class ModelCard:
             "study_id": t.study_id,
             "format": self.format,
         }
+        if self.ensemble is not None:
+            d["ensemble"] = self.ensemble.to_dict()
         if self.name is not None:
             d.update(name=self.name, version=self.version, created_at=self.created_at)
         return d
+
+    @property
+    def members(self) -> int:
+        """Ensemble members (0: a single model)."""
+        return self.ensemble.members if self.ensemble is not None else 0
 
     def comparable(self, other: ModelCard) -> bool:
         """Whether the two versions' validation errors measure the same thing (same validation set)."""

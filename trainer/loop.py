@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainer.ensemble import bagged_loss, bagging_weights, members_of
+
 
 @dataclass(frozen=True)
 class Moments:
@@ -223,7 +225,21 @@ def train_step(
     for g in opt.param_groups:
         g["lr"] = lr
     model.train()
-    pred = norm.decode(model(norm.encode_x(x)))  # (B, C, *grid)
+    pred = norm.decode(model(norm.encode_x(x)))  # (B, C, *grid), or (K, B, C, *grid) for an ensemble
+    if members_of(model):
+        # Each member weighs the batch with its own Poisson(1) counts (online bagging); the loss reported
+        # and kept is the members' plain mean, comparable with a single model's.
+        k, b = pred.shape[0], pred.shape[1]
+        target = y.reshape(1, b, *pred.shape[2:]).expand_as(pred).reshape(k * b, *pred.shape[2:])
+        each = (per_sample or PER_SAMPLE[_loss_name(loss_fn)])(pred.reshape(k * b, *pred.shape[2:]), target)
+        each = each.view(k, b)  # (K, B)
+        loss = bagged_loss(each, bagging_weights(k, b, device=each.device))
+        if keep is not None:
+            keep(each.detach().mean(dim=0))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(each.detach().mean())
     if per_sample is not None:
         each = per_sample(pred, y.view_as(pred))  # (B,)
         loss = each.mean()
@@ -237,15 +253,25 @@ def train_step(
     return float(loss.detach())  # a CPU-GPU sync point, once per step
 
 
+def _loss_name(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> str:
+    for name, f in LOSSES.items():
+        if f is fn:
+            return name
+    raise ValueError(f"an ensemble trains on a loss with a per-sample form ({sorted(PER_SAMPLE)})")
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, norm: Normaliser, batch_size: int = 256
 ) -> float:
-    """Relative L2 error over a held-out set (mean over samples)."""
+    """Relative L2 error over a held-out set (mean over samples); of the members' mean for an ensemble."""
     model.eval()
     total, n = 0.0, x.shape[0]
+    ensemble = bool(members_of(model))
     for i in range(0, n, batch_size):
         pred = norm.decode(model(norm.encode_x(x[i : i + batch_size])))
+        if ensemble:
+            pred = pred.mean(dim=0)  # (b, C, *grid)
         total += float(rel_l2(pred, y[i : i + batch_size].view_as(pred))) * pred.shape[0]
     return total / max(1, n)
 
@@ -440,9 +466,11 @@ def make_card(
     field_input: bool = False,
     validation_set: str | None = None,
     sampler: dict[str, Any] | None = None,
+    ensemble: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The model card (see DESIGN: model store). ``validation_set`` fingerprints the simulations the
-    validation error was measured on: errors of two versions compare only when it is the same."""
+    validation error was measured on: errors of two versions compare only when it is the same.
+    ``ensemble`` (``trainer.ensemble.Calibration.to_dict``): the members and their calibration."""
     return {
         "problem": problem,
         "model": {
@@ -463,6 +491,7 @@ def make_card(
         "study_id": study_id,
         "validation_set": validation_set,
         **({"sampler": dict(sampler)} if sampler else {}),
+        **({"ensemble": dict(ensemble)} if ensemble else {}),
         "format": "safetensors",
     }
 

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainer.card import ModelCard
-from trainer.models import build_model
+from trainer.ensemble import build_ensemble
 from trainer.problem import ProblemSpec
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -74,8 +74,13 @@ class LoadedModel:
 
     @cached_property
     def values_per_row(self) -> int:
-        """Output values of one predicted row (``prod(output_shape)``)."""
-        return int(np.prod(self.spec.out_shape))
+        """Output values of one predicted row (``prod(output_shape)``), twice that for an ensemble (mean, std)."""
+        return int(np.prod(self.spec.out_shape)) * (2 if self.card.members else 1)
+
+    @property
+    def members(self) -> int:
+        """Ensemble members (0: a single model)."""
+        return self.card.members
 
 
 def check_name(name: str) -> str:
@@ -167,7 +172,9 @@ class ModelStore:
         card = self.card(name, version)
         try:
             a = card.architecture
-            model = build_model(a.name, a.in_channels, a.out_channels, a.grid, field_input=a.field_input, **a.arch)
+            model = build_ensemble(
+                max(1, card.members), a.name, a.in_channels, a.out_channels, a.grid, field_input=a.field_input, **a.arch
+            )
             state = load_file(str(self.root / name / f"{version:06d}" / "weights.safetensors"))
         except Exception as e:  # safetensors, torch and a bad card each raise their own types
             raise StoreError(f"cannot rebuild {name!r} version {version}: {e}") from None

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from services import metrics as M
+from trainer.ensemble import mean_std
 from trainer.store import LoadedModel, ModelStore, StoreError
 
 PINNED_KEPT = 4  # older versions kept loaded for clients that pin one
@@ -25,11 +26,19 @@ log = logging.getLogger("surge.gateway")
 
 
 def run_model(m: LoadedModel, rows: np.ndarray, fields: np.ndarray | None = None) -> np.ndarray:
-    """Predict fields ``[N, C_out, *grid]`` float32.
+    """Predict fields ``[N, C_out, *grid]`` float32 (an ensemble's mean).
 
     Parametric: ``rows [N, P+1]`` (physical parameters in card order, then t). Operator:
     ``fields [N, C_in, *grid]`` and ``rows [N, P]`` (the parameters, possibly none).
     """
+    return run_model_std(m, rows, fields)[0]
+
+
+def run_model_std(
+    m: LoadedModel, rows: np.ndarray, fields: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(mean, std)`` ``[N, C_out, *grid]`` float32: ``std`` is the ensemble's calibrated standard deviation
+    (the members' spread times the card's ``std_scale``), ``None`` for a single model."""
     spec, norm = m.spec, m.normaliser
     if spec.field_input:
         assert fields is not None
@@ -37,8 +46,12 @@ def run_model(m: LoadedModel, rows: np.ndarray, fields: np.ndarray | None = None
     else:
         x = torch.from_numpy(spec.encode_inputs(rows[:, :-1], rows[:, -1]))  # (N, P+2)
     with torch.inference_mode():
-        y = norm.decode(m.model(norm.encode_x(x)))  # (N, C_out, *grid)
-    return y.numpy().astype(np.float32, copy=False)
+        y = norm.decode(m.model(norm.encode_x(x)))  # (N, C_out, *grid), (K, N, C_out, *grid) for an ensemble
+        if m.card.ensemble is None:
+            return y.numpy().astype(np.float32, copy=False), None
+        mean, spread = mean_std(y)
+        std = spread * m.card.ensemble.std_scale
+    return mean.numpy().astype(np.float32, copy=False), std.numpy().astype(np.float32, copy=False)
 
 
 def check_servable(m: LoadedModel) -> None:
@@ -47,14 +60,14 @@ def check_servable(m: LoadedModel) -> None:
         spec = m.spec
         mid = (np.asarray(spec.params.low) + np.asarray(spec.params.high)) / 2
         if spec.field_input:
-            y = run_model(m, mid[None], np.zeros((1, len(spec.inputs), *spec.grid), np.float32))
+            y, std = run_model_std(m, mid[None], np.zeros((1, len(spec.inputs), *spec.grid), np.float32))
         else:
-            y = run_model(m, np.concatenate([mid, [spec.t_final]])[None])
+            y, std = run_model_std(m, np.concatenate([mid, [spec.t_final]])[None])
     except Exception as e:  # any failure here would otherwise become a 500 on every request
         raise StoreError(f"{m.name} version {m.version} cannot predict: {type(e).__name__}: {e}") from None
     if y.shape != (1, *spec.out_shape) or tuple(y.shape[1:]) != m.card.output_shape:
         raise StoreError(f"{m.name} version {m.version} predicts shape {list(y.shape[1:])}, card says otherwise")
-    if not np.all(np.isfinite(y)):
+    if not np.all(np.isfinite(y)) or (std is not None and not np.all(np.isfinite(std))):
         raise StoreError(f"{m.name} version {m.version} predicts non-finite values")
 
 

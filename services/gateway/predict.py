@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from services.gateway.hub import run_model
+from services.gateway.hub import run_model_std
 from services.gateway.schemas import OperatorPredictRequest, PredictRequest
 from trainer.problem import ProblemSpec
 from trainer.store import LoadedModel
@@ -260,9 +260,10 @@ def check_answer_size(m: LoadedModel, inp: PredictInput, max_values: int) -> Non
     )
 
 
-def predict(m: LoadedModel, inp: PredictInput) -> np.ndarray:
-    """The model's prediction ``[N, C_out, *grid]`` float32 (may hold non-finite values: callers decide)."""
-    return run_model(m, inp.rows, inp.fields)
+def predict(m: LoadedModel, inp: PredictInput) -> tuple[np.ndarray, np.ndarray | None]:
+    """The model's prediction ``[N, C_out, *grid]`` float32 and, for an ensemble, its standard deviation
+    (same shape; ``None`` otherwise). Either may hold non-finite values: callers decide."""
+    return run_model_std(m, inp.rows, inp.fields)
 
 
 __all__ = [

@@ -43,6 +43,11 @@ class ModelCardPublic(BaseModel):
     validation_error: float | None
     created_at: float
     study_id: str | None
+    ensemble: dict[str, Any] | None = Field(
+        None,
+        description="an ensemble's members, std_scale and calibration: the fractions of held-out errors within "
+        "1 and 2 standard deviations (within_1sigma, within_2sigma)",
+    )
 
 
 class VersionPublic(BaseModel):
@@ -99,7 +104,11 @@ class PredictResponse(BaseModel):
     model: str
     version: int
     shape: list[int]
-    outputs: list[Any]
+    outputs: list[Any] = Field(description="the predicted fields [N, C_out, *grid] (an ensemble's mean)")
+    std: list[Any] | None = Field(
+        None, description="an ensemble's calibrated standard deviation of every output value, shaped like outputs"
+    )
+    ensemble: int | None = Field(None, description="an ensemble's members (absent for a single model)")
 
 
 # A study as the API shows it: the snapshot its driver reports (one layout for file, metrics, CLI, API).

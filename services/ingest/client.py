@@ -190,11 +190,37 @@ class Client:
         inputs: dict[str, np.ndarray] | None = None,
         timeout: float = 60.0,
     ) -> tuple[np.ndarray, int]:
-        """``(outputs [N, C_out, *grid] float32, model version)``, as REST predict answers.
+        """``(outputs [N, C_out, *grid] float32, model version)``, as REST predict answers (an ensemble's mean).
 
         Parametric models: ``params`` and ``times``. Operator models: ``inputs`` (each field shaped like
         the grid or ``[N, *grid]``) and their scalar ``params``, if any.
         """
+        r = self._predict_call(model, params, times, inputs, timeout)
+        return np.frombuffer(r.data, dtype="<f4").reshape(tuple(r.shape)), int(r.version)
+
+    def predict_std(
+        self,
+        model: str,
+        params: dict[str, float] | None = None,
+        times: list[float] | np.ndarray | None = None,
+        inputs: dict[str, np.ndarray] | None = None,
+        timeout: float = 60.0,
+    ) -> tuple[np.ndarray, np.ndarray | None, int]:
+        """``(mean, std, model version)``: ``std`` is an ensemble's calibrated standard deviation, shaped like
+        the mean, or ``None`` for a single model."""
+        r = self._predict_call(model, params, times, inputs, timeout)
+        shape = tuple(r.shape)
+        std = np.frombuffer(r.std, dtype="<f4").reshape(shape) if r.ensemble else None
+        return np.frombuffer(r.data, dtype="<f4").reshape(shape), std, int(r.version)
+
+    def _predict_call(
+        self,
+        model: str,
+        params: dict[str, float] | None,
+        times: list[float] | np.ndarray | None,
+        inputs: dict[str, np.ndarray] | None,
+        timeout: float,
+    ) -> pb.PredictResponse:
         req = pb.PredictRequest(model=model, params=params or {}, times=list(times) if times is not None else [])
         for name, a in (inputs or {}).items():
             arr = np.asarray(a)
@@ -202,10 +228,9 @@ class Client:
             arr = np.ascontiguousarray(arr, dtype=dt)
             req.inputs[name].CopyFrom(pb.Array(dtype=_dtype_name(arr), shape=list(arr.shape), data=arr.tobytes()))
         try:
-            r = self._predict.Predict(req, timeout=timeout, metadata=self._metadata)
+            return self._predict.Predict(req, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise IngestError.of(e) from None
-        return np.frombuffer(r.data, dtype="<f4").reshape(tuple(r.shape)), int(r.version)
 
 
 def _dtype_name(a: np.ndarray) -> str:

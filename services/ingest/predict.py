@@ -81,8 +81,8 @@ class PredictService(rpc.PredictServicer):
             spec = P.spec_of(m)
             inp = P.parse_data(request_data(request, spec), spec, max_rows)
             P.check_answer_size(m, inp, self._max_values)
-            y = P.predict(m, inp)  # (N, C_out, *grid)
-            if not np.all(np.isfinite(y)):
+            y, std = P.predict(m, inp)  # (N, C_out, *grid) each
+            if not np.all(np.isfinite(y)) or (std is not None and not np.all(np.isfinite(std))):
                 raise P.PredictError(500, P.NON_FINITE_OUTPUT)
             code = 200
             return pb.PredictResponse(
@@ -90,6 +90,8 @@ class PredictService(rpc.PredictServicer):
                 version=m.version,
                 shape=list(y.shape),
                 data=np.ascontiguousarray(y, dtype="<f4").tobytes(),
+                std=b"" if std is None else np.ascontiguousarray(std, dtype="<f4").tobytes(),
+                ensemble=m.members,
             )
         except P.PredictError as e:
             code = e.status

@@ -163,13 +163,17 @@ class PredictRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., params: _Optional[_Mapping[str, float]] = ..., times: _Optional[_Iterable[float]] = ..., inputs: _Optional[_Mapping[str, Array]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("model", "version", "shape", "data")
+    __slots__ = ("model", "version", "shape", "data", "std", "ensemble")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    ENSEMBLE_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    std: bytes
+    ensemble: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., std: _Optional[bytes] = ..., ensemble: _Optional[int] = ...) -> None: ...

@@ -21,6 +21,7 @@ from services.ingest import surge_pb2 as pb
 from services.ingest import surge_pb2_grpc as rpc
 from services.ingest.client import IngestError, connect
 from services.ingest.server import NO_TOKEN, release, serve
+from trainer.ensemble import build_ensemble
 from trainer.loop import LoopStats, Normaliser, make_card
 from trainer.models import build_model
 from trainer.problem import ProblemSpec
@@ -34,6 +35,7 @@ ADV_CFG = {"resolution": 32, "t_final": 1.0, "snapshots": 4}
 ADV = ProblemSpec.from_solver(solvers.get("advection1d", **ADV_CFG), ADV_CFG, kind="operator", inputs=("u",))
 PARAMS = {"u0": 300.0, "t_left": 200.0, "t_right": 400.0, "t_bottom": 100.0, "t_top": 500.0}
 TIMES = [0.0, 0.05, 0.1]
+STD_SCALE = 1.5
 
 
 def _publish(root: Path) -> None:
@@ -54,6 +56,23 @@ def _publish(root: Path) -> None:
             norm=Normaliser(300.0, 100.0),
             stats=stats,
             study_id="s",
+        ),
+    )
+    # An ensemble of three: its answers carry a standard deviation (the spread times std_scale).
+    store.publish(
+        "heat2d-ens",
+        build_ensemble(3, "mlp", HEAT.in_channels, 1, HEAT.grid, **arch),
+        make_card(
+            problem=HEAT.to_dict(),
+            model_name="mlp",
+            arch=arch,
+            in_channels=HEAT.in_channels,
+            out_channels=1,
+            grid=HEAT.grid,
+            norm=Normaliser(300.0, 100.0),
+            stats=stats,
+            study_id="s",
+            ensemble={"members": 3, "std_scale": STD_SCALE, "within_1sigma": 0.7, "within_2sigma": 0.96},
         ),
     )
     arch = {"modes": 4, "width": 8, "layers": 1}
@@ -110,6 +129,53 @@ def test_parametric_predictions_are_the_same_numbers(both) -> None:
     # And the JSON answer carries the same values.
     r = rest.post("/v1/models/heat2d/predict", json={"params": PARAMS, "times": TIMES})
     np.testing.assert_array_equal(np.asarray(r.json()["outputs"], dtype=np.float32), got)
+
+
+def test_an_ensemble_answers_its_mean_and_calibrated_std_over_rest_and_grpc(both, tmp_path: Path) -> None:
+    rest, client = both
+    body = {"params": PARAMS, "times": TIMES}
+    r = rest.post("/v1/models/heat2d-ens/predict", json=body)
+    assert r.status_code == 200, r.text
+    assert r.headers["X-Model-Ensemble"] == "3"
+    doc = r.json()
+    mean, std = np.asarray(doc["outputs"], np.float32), np.asarray(doc["std"], np.float32)
+    assert doc["ensemble"] == 3 and mean.shape == std.shape == (3, 1, 8, 8) and doc["shape"] == [3, 1, 8, 8]
+    assert np.all(std >= 0) and float(std.max()) > 0
+    # The numbers: the members' mean, and their spread times the card's std_scale.
+    m = ModelStore(rest.app.state.hub.store.root).load("heat2d-ens")
+    rows = np.array([[*(PARAMS[n] for n in HEAT.params.names), t] for t in TIMES])
+    with torch.no_grad():
+        preds = m.normaliser.decode(m.model(torch.from_numpy(HEAT.encode_inputs(rows[:, :-1], rows[:, -1]))))
+    np.testing.assert_allclose(mean, preds.mean(0).numpy(), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(std, STD_SCALE * preds.std(0).numpy(), rtol=1e-5, atol=1e-3)
+    # .npy: mean and std stacked.
+    both_npy, _ = _rest_npy(rest, "heat2d-ens", body)
+    assert both_npy.shape == (2, 3, 1, 8, 8)
+    np.testing.assert_array_equal(both_npy[0], mean)
+    np.testing.assert_array_equal(both_npy[1], std)
+    # gRPC: the same two arrays; a single model has none.
+    g_mean, g_std, version = client.predict_std("heat2d-ens", params=PARAMS, times=TIMES)
+    assert version == 1 and g_std is not None
+    np.testing.assert_array_equal(g_mean, mean)
+    np.testing.assert_array_equal(g_std, std)
+    assert client.predict_std("heat2d", params=PARAMS, times=TIMES)[1] is None
+    assert "std" not in rest.post("/v1/models/heat2d/predict", json=body).json()
+    # The card shows the calibration.
+    card = rest.get("/v1/models/heat2d-ens").json()
+    assert card["ensemble"]["members"] == 3 and card["ensemble"]["within_1sigma"] == 0.7
+    assert rest.get("/v1/models/heat2d").json()["ensemble"] is None
+
+
+def test_an_ensembles_answer_counts_its_std_against_the_output_limit(tmp_path: Path) -> None:
+    _publish(tmp_path)
+    per_row = 64  # one 8x8 field
+    settings = GatewaySettings(store=tmp_path, max_predict_values=3 * per_row, poll_interval_s=0.2)
+    with TestClient(create_app(settings, manager=None), raise_server_exceptions=False) as rest:
+        body = {"params": PARAMS, "times": TIMES}  # 3 rows
+        assert rest.post("/v1/models/heat2d/predict", json=body).status_code == 200  # 192 values
+        r = rest.post("/v1/models/heat2d-ens/predict", json=body)  # 2 x 192 values
+        assert r.status_code == 413 and "at most 1 rows" in r.json()["detail"], r.text
+        assert rest.post("/v1/models/heat2d-ens/predict", json={**body, "times": [0.0]}).status_code == 200
 
 
 def test_operator_predictions_are_the_same_numbers(both) -> None:

@@ -40,7 +40,34 @@ def test_shipped_config_loads(path: Path) -> None:
         ({"sampler": {"kind": "breed", "breed": {"sigma": 0}}}, "sampler.breed.sigma: Input should be greater"),
         ({"sampler": {"kind": "breed", "breed": {"sigmas": 0.1}}}, "sampler.breed.sigmas: Extra inputs"),
         ({"sampler": {"breed": {"sigma": 0.1}}}, "sampler.breed is set but sampler.kind is 'uniform'"),
-        ({"sampler": {"kind": "ogas"}}, "sampler.kind: Input should be 'uniform', 'sobol' or 'breed'"),
+        ({"sampler": {"kind": "ogas"}}, "sampler.kind: Input should be 'uniform', 'sobol', 'breed' or 'uncertainty'"),
+        ({"training": {"ensemble": 0}}, "training.ensemble: Input should be greater than or equal to 1"),
+        ({"sampler": {"kind": "uncertainty"}}, "set training.ensemble to 2 or more (it is 1)"),
+        ({"sampler": {"uncertainty": {"pool": 8}}}, "sampler.uncertainty is set but sampler.kind is 'uniform'"),
+        (
+            {"sampler": {"kind": "uncertainty", "breed": {"sigma": 0.1}}, "training": {"ensemble": 2}},
+            "sampler.breed is set but sampler.kind is 'uncertainty'",
+        ),
+        (
+            {"sampler": {"kind": "uncertainty", "uncertainty": {"mix": "sobol"}}, "training": {"ensemble": 2}},
+            "sampler.uncertainty.mix: Input should be 'uniform' or 'breed'",
+        ),
+        (
+            {
+                "problem": {"solver": "advection1d", "config": {}, "kind": "operator", "inputs": ["u"]},
+                "sampler": {"kind": "uncertainty"},
+                "training": {"ensemble": 2, "model": "fno"},
+            },
+            "this problem's model takes input fields",
+        ),
+        (
+            {
+                "problem": {"solver": "ks1d", "config": {}},
+                "sampler": {"kind": "uncertainty"},
+                "training": {"ensemble": 2},
+            },
+            "uncertainty moves parameter points, and solver 'ks1d' has no scalar parameters",
+        ),
         (
             {"problem": {"solver": "ks1d", "config": {}}, "sampler": {"kind": "breed"}},
             "breed moves parameter points, and solver 'ks1d' has no scalar parameters",
@@ -51,6 +78,17 @@ def test_invalid_config_names_the_field(data: dict, message: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse_config(data)
     assert message in str(e.value)
+
+
+def test_an_uncertainty_sampler_may_mix_with_breed() -> None:
+    cfg = parse_config(
+        {
+            "sampler": {"kind": "uncertainty", "uncertainty": {"mix": "breed"}, "breed": {"sigma": 0.02}},
+            "training": {"ensemble": 4},
+        }
+    )
+    assert cfg.sampler.breeds and cfg.sampler.adaptive and cfg.sampler.breed_settings()["sigma"] == 0.02
+    assert cfg.training.ensemble == 4
 
 
 def test_yaml_errors() -> None:

@@ -806,7 +806,8 @@ def test_the_document_declares_every_answer_of_every_route(client: TestClient) -
     predict_op = doc["paths"]["/v1/models/{name}/predict"]["post"]
     ok = predict_op["responses"]["200"]
     assert set(ok["content"]) == {"application/json", NPY}
-    assert set(ok["headers"]) == {"X-Model-Name", "X-Model-Version"}
+    assert set(ok["headers"]) == {"X-Model-Name", "X-Model-Version", "X-Model-Ensemble"}
+    assert "required" not in ok["headers"]["X-Model-Ensemble"]  # only an ensemble's answer has it
     assert predict_op["responses"]["503"]["headers"]["Retry-After"]["required"] is True
     body = predict_op["requestBody"]
     assert body["required"] is True and set(body["content"]) == {"application/json", NPY}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from services.sampling import BreedSampler
+from services.sampling import BreedSampler, Sampler, UncertaintySampler, make_sampler
 from solvers.base import ParamSpace
 
 SPACE = ParamSpace(("a", "b", "c"), (0.0, -1.0, 10.0), (1.0, 1.0, 20.0))
@@ -196,3 +196,96 @@ def test_a_space_without_parameters_draws_empty_rows() -> None:
     assert sampler.draw(5).shape == (5, 0)
     restored = BreedSampler.from_state(space, sampler.state())
     assert restored.draw(2).shape == (2, 0)
+
+
+# The uncertainty sampler -------------------------------------------------------------------------------
+
+
+def _peak(center: np.ndarray):
+    """A scorer peaked at ``center`` (unit cube): the disagreement falls with the distance to it."""
+
+    def score(points: np.ndarray) -> np.ndarray:
+        return -np.linalg.norm(SPACE.normalise(points) - center, axis=1)
+
+    return score
+
+
+def test_uncertainty_draws_the_highest_scores_with_diversity_and_mixes_the_rest() -> None:
+    center = np.array([0.9, 0.1, 0.5])
+    s = UncertaintySampler(SPACE, seed=1, fraction=0.5, pool=2000, diversity=0.1)
+    assert np.array_equal(s.draw(40), Sampler(SPACE, "uniform", 2).draw(40))  # no scorer yet: all mixed
+    s.set_scorer(_peak(center))
+    pts = s.draw(40)
+    assert pts.shape == (40, 3) and np.all((pts >= SPACE.low) & (pts <= SPACE.high))
+    dist = np.linalg.norm(SPACE.normalise(pts) - center, axis=1)
+    near = dist < 0.3
+    # 20 picked near the peak (uniform points land within 0.3 of it with probability ~0.1).
+    assert 20 <= int(near.sum()) <= 27 and s.scored == 20
+    # Every point picked: none closer than the diversity to another, unlike the crowd of the top scores.
+    spread = UncertaintySampler(SPACE, seed=1, fraction=1.0, pool=2000, diversity=0.1)
+    spread.set_scorer(_peak(center))
+    picked = SPACE.normalise(spread.draw(20))
+    gaps = np.linalg.norm(picked[:, None] - picked[None], axis=2) + np.eye(20)
+    assert gaps.min() >= 0.1
+    tight = UncertaintySampler(SPACE, seed=1, fraction=1.0, pool=2000, diversity=0.0)
+    tight.set_scorer(_peak(center))
+    crowd = np.linalg.norm(SPACE.normalise(tight.draw(20)) - center, axis=1)
+    assert crowd.max() < np.linalg.norm(picked - center, axis=1).max()
+
+
+def test_uncertainty_draws_are_reproducible_and_in_bounds() -> None:
+    def run(seed: int) -> np.ndarray:
+        s = UncertaintySampler(SPACE, seed=seed, fraction=0.7, pool=64)
+        s.set_scorer(lambda p: p[:, 0] * p[:, 1])
+        return np.concatenate([s.draw(n) for n in (5, 17, 0, 33)])
+
+    a = run(4)
+    assert a.shape == (55, 3) and np.all((a >= SPACE.low) & (a <= SPACE.high))
+    assert np.array_equal(a, run(4)) and not np.array_equal(a, run(5))
+
+
+def test_a_failing_scorer_falls_back_to_the_mix_and_a_wrong_one_is_refused() -> None:
+    s = UncertaintySampler(SPACE, seed=0, fraction=1.0, pool=16)
+
+    def broken(p: np.ndarray) -> np.ndarray:
+        raise RuntimeError("model swapped")
+
+    s.set_scorer(broken)
+    assert s.draw(8).shape == (8, 3) and s.scored == 0
+    s.set_scorer(lambda p: np.zeros(3))
+    with pytest.raises(ValueError, match=r"returned \[3\] scores for 32 points"):
+        s.draw(8)
+    # Non-finite scores rank last, never first.
+    s.set_scorer(lambda p: np.where(p[:, 0] > 0.5, np.nan, p[:, 0]))
+    assert np.all(s.draw(4)[:, 0] <= 0.5)
+
+
+def test_an_uncertainty_sampler_mixing_with_breed_passes_it_the_losses() -> None:
+    s = make_sampler(
+        SPACE,
+        "uncertainty",
+        3,
+        {"sigma": 0.01, "start": 1.0, "end": 1.0},
+        {"fraction": 0.25, "mix": "breed", "refresh_s": 5},
+    )
+    assert isinstance(s, UncertaintySampler) and isinstance(s.mix, BreedSampler) and s.adaptive
+    assert s.fraction() == 0.0
+    s.observe(PARENTS[:1], np.array([1.0]))
+    assert s.fraction() == 1.0  # the breed mix now breeds every point it draws
+    s.set_scorer(lambda p: p[:, 0])
+    pts = SPACE.normalise(s.draw(8))
+    near_parent = np.abs(pts - SPACE.normalise(PARENTS[:1])).max(axis=1) < 0.06
+    assert int(near_parent.sum()) == 6  # 2 scored, 6 bred
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"fraction": 1.5}, "fraction must lie in"),
+        ({"pool": 0}, "pool must be an integer"),
+        ({"diversity": -1.0}, "diversity must be finite"),
+    ],
+)
+def test_bad_uncertainty_settings_are_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        UncertaintySampler(SPACE, **kwargs)

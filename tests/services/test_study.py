@@ -281,5 +281,39 @@ def test_a_breed_study_learns_from_its_losses_and_draws_near_earlier_points(tmp_
     # A child lies within 5 sigma of its parent in every coordinate; two uniform points in 5-D do so with
     # probability 0.1**5 per pair.
     assert int((nearest < 0.05).sum()) >= 40
-    assert ModelStore(tmp_path).card("heat2d").extra["sampler"] == {"kind": "breed", "seed": 0}
+    sampler = ModelStore(tmp_path).card("heat2d").extra["sampler"]
+    assert sampler["kind"] == "breed" and sampler["seed"] == 0 and sampler["breed"]["sigma"] == 0.01
+    study.release()
+
+
+def test_an_ensemble_study_publishes_its_calibration_and_scores_its_draws_with_it(tmp_path) -> None:
+    """training.ensemble trains K members in the one Ray Train run; the card carries the calibration measured
+    on held-out simulations; the uncertainty sampler scores its draws with the ensemble the study published."""
+    import numpy as np
+
+    cfg = _config(
+        name="ens",
+        simulations=240,
+        sampler={"kind": "uncertainty", "uncertainty": {"fraction": 1.0, "pool": 64, "refresh_s": 0.5}},
+        buffer={"capacity": 400, "watermark": 100},
+        training={"ensemble": 3, "validate_every": 10},
+    )
+    study = _run(cfg, tmp_path)
+    snap = study.snapshot()
+    assert snap["state"] == "finished", snap["error"]
+    assert snap["simulations"]["done"] == 240
+    assert snap["sampler"]["scorer_version"] is not None and snap["sampler"]["scored"] > 0
+    hist = [e for _, e in snap["training"]["history"]]
+    assert hist[-1] < 0.5 * hist[0]
+    store = ModelStore(tmp_path)
+    m = store.load("heat2d")
+    assert m.members == 3 and m.card.training.study_id == study.id
+    cal = m.card.ensemble
+    assert cal is not None and cal.std_scale > 0 and cal.values > 0
+    assert 0.0 <= cal.within_1sigma <= cal.within_2sigma <= 1.0
+    assert m.card.extra["sampler"]["kind"] == "uncertainty"
+    # The members were trained apart (initialisation, online bagging): their spread is not zero.
+    x = torch.from_numpy(study.spec.encode_inputs(np.array([study.spec.params.low]), np.array([0.05])))
+    with torch.no_grad():
+        assert float(m.model(x).std(0).max()) > 0
     study.release()

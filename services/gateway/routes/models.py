@@ -45,7 +45,8 @@ _NOT_FOUND = {404: error("no model of that name is served")}
 _PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "the predicted fields: JSON, or a float32 ``.npy`` array [N, C_out, *grid] when the "
-        "request's Accept names application/x-npy",
+        "request's Accept names application/x-npy; an ensemble's answer adds std to the JSON, and its .npy is "
+        "[2, N, C_out, *grid] (mean, then std) with the header X-Model-Ensemble",
         "content": {NPY: {"schema": {"type": "string", "format": "binary"}}},
         "headers": {
             "X-Model-Name": {"description": "the model that answered", "required": True, "schema": {"type": "string"}},
@@ -53,6 +54,10 @@ _PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
                 "description": "the version that answered",
                 "required": True,
                 "schema": {"type": "integer", "minimum": 1},
+            },
+            "X-Model-Ensemble": {
+                "description": "an ensemble's members: the answer holds the mean and the standard deviation",
+                "schema": {"type": "integer", "minimum": 2},
             },
         },
     },
@@ -128,6 +133,7 @@ def _card(m: LoadedModel) -> ModelCardPublic:
         validation_error=t.validation_error,
         created_at=c.created_at,
         study_id=t.study_id,
+        ensemble=c.ensemble.to_dict() if c.ensemble is not None else None,
     )
 
 
@@ -296,17 +302,27 @@ def _answer(
     label[0] = name
     inp = P.parse_body(body, ctype, m.spec, settings.max_predict_rows)
     P.check_answer_size(m, inp, settings.max_predict_values)
-    y = P.predict(m, inp)
+    y, std = P.predict(m, inp)
     headers = {"X-Model-Version": str(m.version), "X-Model-Name": name}
+    if std is not None:
+        headers["X-Model-Ensemble"] = str(m.members)
     if npy_out:
         buf = io.BytesIO()
-        np.save(buf, y, allow_pickle=False)
+        # An ensemble answers [2, N, C, *grid]: the mean, then the standard deviation.
+        np.save(buf, y if std is None else np.stack([y, std]), allow_pickle=False)
         return buf.getvalue(), NPY, headers
-    if not np.all(np.isfinite(y)):
+    if not np.all(np.isfinite(y)) or (std is not None and not np.all(np.isfinite(std))):
         raise P.PredictError(500, P.NON_FINITE_OUTPUT)
     # orjson writes the float32 array straight from its buffer (no Python list of floats, which
     # took about 100 bytes and a Python object per value).
-    payload = {"model": name, "version": m.version, "shape": list(y.shape), "outputs": np.ascontiguousarray(y)}
+    payload: dict[str, Any] = {
+        "model": name,
+        "version": m.version,
+        "shape": list(y.shape),
+        "outputs": np.ascontiguousarray(y),
+    }
+    if std is not None:
+        payload.update(std=np.ascontiguousarray(std), ensemble=m.members)
     return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), "application/json", headers
 
 
