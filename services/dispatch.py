@@ -205,6 +205,13 @@ class Dispatcher:
                 f"last failure: {self._last_failure}"
             )
 
+    def solved_apart(self, produced: int) -> None:
+        """A simulation solved outside the actors' calls (a predict fallback) was handed out and offered
+        ``produced`` samples; its outcome goes through ``settle`` like any other."""
+        with self._lock:
+            self._sims["dispatched"] += 1
+            self.produced += produced
+
     def external_event(self, kind: str, sim_id: int, produced: int = 0) -> None:
         """Called by the ingest server: a simulation handed out to, or settled by, an external client."""
         with self._lock:

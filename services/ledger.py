@@ -131,6 +131,27 @@ class SimulationIds:
         attempts = np.asarray([self._attempts[i] for i in ids], dtype=np.int64)
         return arr, params, attempts, drawn
 
+    def add(self, params: np.ndarray, source: str) -> Assignment:
+        """A simulation of given parameters ``params [P]`` (one a user asked for), on top of the budget: the
+        next fresh id, handed out to ``source`` at once. Journaled with its point, so a replay stands here too."""
+        p = self._sampler.space.check(np.asarray(params, dtype=np.float64).reshape(1, -1))[0]
+        with self._lock:
+            self._log({"add": p.tolist(), "source": source})
+            i = self._add(p, source)
+        return Assignment(np.array([i], np.int64), p[None], simulation_seeds(self._seed, [i]), np.array([1]))
+
+    def _add(self, p: np.ndarray, source: str) -> int:
+        i = self._next
+        self._next += 1
+        self.budget += 1
+        self._max_budget += 1
+        self._params[i] = p
+        if self._points is not None:
+            self._points[i] = p
+        self._attempts[i] += 1
+        self._out[i] = source
+        return i
+
     def observe(self, sim_ids: np.ndarray, losses: np.ndarray) -> int:
         """Per-simulation training losses for an adaptive sampler (its next draws depend on them).
 
@@ -205,7 +226,9 @@ class SimulationIds:
         for k, line in enumerate(lines):
             try:
                 rec = json.loads(line)
-                if "take" in rec:
+                if "add" in rec:
+                    ledger._add(np.asarray(rec["add"], dtype=np.float64), str(rec["source"]))
+                elif "take" in rec:
                     given = rec.get("fresh")
                     if ledger._points is not None and given is None:
                         given = np.empty((0, sampler.space.dim))  # a retry alone: no fresh point

@@ -29,6 +29,11 @@ PREDICT_LATENCY = Histogram(
     ["model"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+PREDICT_FALLBACKS = Counter(
+    "surge_predict_fallbacks_total",
+    "Predict fallbacks to the solver (fallback=solve) by outcome: solved, busy, unavailable, timeout, failed",
+    ["model", "outcome"],
+)
 MODEL_VERSION = Gauge("surge_model_version", "Model version being served", ["model"])
 
 PROGRESS_DIR = ".studies"

@@ -30,6 +30,7 @@ from services.actors import BufferShard, SolverActor, StudyControl
 from services.config import StudyConfig
 from services.dataplane import ShardCounts, ShardRouter, merge_stats
 from services.dispatch import Dispatcher
+from services.fallback import Fallbacks, FallbackUnavailable
 from services.ledger import LedgerError, SimulationIds
 from services.metrics import PROGRESS_DIR
 from services.sampling import make_sampler
@@ -130,6 +131,7 @@ class Study:
         self.feed: Any = None  # services.ingest.server.StudyFeed
         self._grpc: Any = None  # the services.ingest.server.SurgeServer it is attached to
         self.ingest_address: str | None = None
+        self.fallbacks: Fallbacks | None = None  # once the buffer exists
 
     # Lifecycle -------------------------------------------------------------------
     def start(self) -> Study:
@@ -209,6 +211,11 @@ class Study:
                 teardown.callback(self._end_trainer, trainer_thread)
                 if not cfg.dataset:
                     self._make_shards(trainer_thread)
+                    # Predict fallbacks solve single points as tasks and put them into the buffer like the feed.
+                    sink = ShardRouter(
+                        None, group=cfg.solvers.sims_per_call, control=self.control, block=cfg.solvers.chunk_steps
+                    )
+                    self.fallbacks = Fallbacks(self.spec, self.ids, self.dispatch, sink, cfg.solvers.num_cpus)
                     # The shards let go of their chunks (nothing may keep objects alive after a study); the
                     # shard actors stay until release(), so that their counts can be read.
                     teardown.callback(self._shards_call, "drop")
@@ -385,6 +392,14 @@ class Study:
         if sc.kind == "uncertainty":
             out["uncertainty"] = sc.uncertainty_settings().model_dump()
         return out
+
+    def solve(self, params: np.ndarray, timeout: float) -> tuple[int, np.ndarray]:
+        """A predict fallback: ``(sim_id, fields [T+1, C_out, *grid])`` at ``params [P]``, solved on the study's
+        cluster now; the simulation joins the training stream. Raises ``FallbackError``."""
+        fb = self.fallbacks
+        if fb is None or self.state != StudyState.RUNNING or self._stop.is_set():
+            raise FallbackUnavailable(f"study {self.id!r} is {self.state.value}: it solves no more simulations")
+        return fb.solve(params, timeout)
 
     def _fail(self, message: str) -> None:
         """Stop the study with an error (the trainer still publishes what it has learnt)."""
@@ -815,6 +830,23 @@ class StudyManager:
 
     def list(self) -> list[Study]:
         return list(self._studies.values())
+
+    def solve(
+        self, model: str, param_names: tuple[str, ...], params: np.ndarray, timeout: float
+    ) -> tuple[int, np.ndarray]:
+        """A predict fallback for ``model``: solved by the newest running study that trains it (``Study.solve``)."""
+        mine = [s for s in self._studies.values() if s.running and s.config.served_name == model]
+        if not mine:
+            raise FallbackUnavailable(
+                f"no study of model {model!r} is running in this gateway: nothing can solve the point"
+            )
+        study = max(mine, key=lambda s: s.started_at or 0.0)
+        if tuple(study.spec.params.names) != tuple(param_names):
+            raise FallbackUnavailable(
+                f"study {study.id!r} of model {model!r} takes parameters {list(study.spec.params.names)}, "
+                f"not the served model's {list(param_names)}"
+            )
+        return study.solve(params, timeout)
 
     def stop_all(self, timeout: float = 60) -> None:
         for s in self._studies.values():

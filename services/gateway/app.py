@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
 from services.gateway.deps import PREDICT_SCHEME
+from services.gateway.fallback import FallbackGate
 from services.gateway.hub import ModelHub
 from services.gateway.pool import PredictPool
 from services.gateway.routes import models, studies, system
@@ -56,6 +57,7 @@ def create_app(settings: GatewaySettings | None = None, manager: StudyBackend | 
     app.state.hub = ModelHub(settings.store, settings.poll_interval_s)
     app.state.manager = manager
     app.state.predict_pool = PredictPool(settings.predict_workers, settings.predict_queue)
+    app.state.fallbacks = FallbackGate(settings.max_fallbacks)
     app.state.study_registry = CollectorRegistry(auto_describe=True)
     app.state.study_registry.register(StudyCollector(settings.store))
 

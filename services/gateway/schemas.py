@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -109,6 +109,10 @@ class PredictResponse(BaseModel):
         None, description="an ensemble's calibrated standard deviation of every output value, shaped like outputs"
     )
     ensemble: int | None = Field(None, description="an ensemble's members (absent for a single model)")
+    source: Literal["surrogate", "solver"] | None = Field(
+        None, description="with fallback=solve: who answered (the solver's std is 0)"
+    )
+    simulation: int | None = Field(None, description="source solver: the study's id of the simulation it ran")
 
 
 # A study as the API shows it: the snapshot its driver reports (one layout for file, metrics, CLI, API).

@@ -49,6 +49,12 @@ class GatewaySettings(BaseModel):
         None, ge=1, description="torch intra-op threads (default: the cores shared among the predict workers)"
     )
     poll_interval_s: float = Field(1.0, gt=0, description="how often the model store is checked for new versions")
+    max_fallbacks: int = Field(
+        4, ge=0, le=256, description="predict?fallback=solve solves in flight at once; more are answered 503 (0: off)"
+    )
+    fallback_timeout_s: float = Field(
+        60.0, gt=0, le=600, description="how long a predict fallback waits for the solver before answering 504"
+    )
     max_running_studies: int = Field(2, ge=1)
     ray_jobs_address: str | None = Field(
         None, description="Ray job API (http://head:8265): studies run there as Ray jobs"
@@ -87,6 +93,8 @@ class GatewaySettings(BaseModel):
             "predict_workers",
             "predict_queue",
             "torch_threads",
+            "max_fallbacks",
+            "fallback_timeout_s",
         ):
             if v := os.environ.get(f"SURGE_{key.upper()}"):
                 env[key] = v  # validated (and refused with the variable's meaning) by the model

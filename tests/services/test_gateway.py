@@ -757,7 +757,7 @@ ANSWERS = {
     ("get", "/v1/models/{name}"): {"200", "404"},
     ("get", "/v1/models/{name}/versions"): {"200", "404"},
     ("post", "/v1/models/{name}/promote"): {"200", "401", "403", "404", "413", "415", "422"},
-    ("post", "/v1/models/{name}/predict"): {"200", "401", "404", "413", "415", "422", "500", "503"},
+    ("post", "/v1/models/{name}/predict"): {"200", "401", "404", "413", "415", "422", "500", "502", "503", "504"},
     ("get", "/v1/studies"): {"200", "503"},
     ("post", "/v1/studies"): {"201", "401", "403", "409", "413", "415", "422", "503"},
     ("get", "/v1/studies/{study_id}"): {"200", "404", "503"},
@@ -806,7 +806,13 @@ def test_the_document_declares_every_answer_of_every_route(client: TestClient) -
     predict_op = doc["paths"]["/v1/models/{name}/predict"]["post"]
     ok = predict_op["responses"]["200"]
     assert set(ok["content"]) == {"application/json", NPY}
-    assert set(ok["headers"]) == {"X-Model-Name", "X-Model-Version", "X-Model-Ensemble"}
+    assert set(ok["headers"]) == {
+        "X-Model-Name",
+        "X-Model-Version",
+        "X-Model-Ensemble",
+        "X-Prediction-Source",
+        "X-Simulation-Id",
+    }
     assert "required" not in ok["headers"]["X-Model-Ensemble"]  # only an ensemble's answer has it
     assert predict_op["responses"]["503"]["headers"]["Retry-After"]["required"] is True
     body = predict_op["requestBody"]

@@ -154,3 +154,31 @@ def test_observed_losses_reach_the_sampler_by_point_and_bad_ones_are_dropped() -
     plain = _ledger("uniform")
     plain.take(2, "actors")
     assert plain.observe(np.array([0, 1]), np.array([1.0, 2.0])) == 0
+
+
+def test_an_added_simulation_takes_the_next_id_on_top_of_the_budget_and_is_replayed(tmp_path: Path) -> None:
+    journal = tmp_path / "ledger.jsonl"
+    s = _ledger("uniform", journal, budget=4)
+    first = s.take(2, "actors")
+    assert first is not None
+    got = s.add(np.array([0.5, 0.25]), "fallback")
+    assert got.ids.tolist() == [2] and got.params.tolist() == [[0.5, 0.25]] and s.budget == 5
+    assert s.is_out(2) and s.outstanding("fallback") == 1
+    with pytest.raises(ValueError, match="must lie in"):
+        s.add(np.array([2.0, 0.0]), "fallback")  # outside the study's box: nothing handed out
+    rest = s.take(10, "actors")
+    assert rest is not None and rest.ids.tolist() == [3, 4]  # the budget's own simulations are all still run
+    # The uniform draws of the budget's simulations are those a ledger without the addition makes.
+    plain = _ledger("uniform", budget=4)
+    drawn = np.concatenate([plain.take(2, "actors").params, plain.take(10, "actors").params])
+    np.testing.assert_array_equal(np.concatenate([first.params, rest.params]), drawn)
+    s.settle([2], "done")
+    s.close()
+    again = _replay("uniform", journal, budget=4)
+    assert again.budget == 5 and again.done == [2] and again.handed_out == 5
+    assert sorted(again._out) == [] and again.outstanding() == 0
+    # What was running when the journal ends is handed out again, with its parameters.
+    rerun = []
+    while (nxt := again.take(10, "actors")) is not None:
+        rerun += nxt.ids.tolist()
+    assert sorted(rerun) == [0, 1, 3, 4]

@@ -317,3 +317,53 @@ def test_an_ensemble_study_publishes_its_calibration_and_scores_its_draws_with_i
     with torch.no_grad():
         assert float(m.model(x).std(0).max()) > 0
     study.release()
+
+
+def test_a_fallback_query_is_answered_by_the_solver_and_its_simulation_is_trained_on_once(tmp_path) -> None:
+    """predict?fallback=solve on the gateway that runs the study: a point the ensemble is unsure of is
+    solved on the study's Ray, answered with the solver's fields, and streamed into the buffer exactly once."""
+    import numpy as np
+    from fastapi.testclient import TestClient
+
+    import solvers
+    from services.gateway.app import create_app
+    from services.gateway.settings import GatewaySettings
+    from services.sampling import simulation_seeds
+    from services.study import StudyManager
+
+    cfg = parse_config(_config(name="fb", simulations=200, training={"ensemble": 2}))
+    manager = StudyManager(tmp_path)
+    settings = GatewaySettings(store=tmp_path, poll_interval_s=0.2)
+    with TestClient(create_app(settings, manager=manager), raise_server_exceptions=False) as c:
+        study = manager.start(cfg)
+        study.release_when_done = False  # the shards' counts are read below
+        deadline = time.monotonic() + 120
+        while c.get("/v1/models/heat2d").status_code != 200:
+            assert time.monotonic() < deadline and study.running, study.snapshot()["error"]
+            time.sleep(0.2)
+        params = {"u0": 350.0, "t_left": 120.0, "t_right": 480.0, "t_bottom": 300.0, "t_top": 200.0}
+        t = study.spec.times
+        body = {"params": params, "times": [t[0], t[5], (t[5] + t[6]) / 2, t[-1]]}
+        # A threshold no ensemble meets: the solver answers.
+        r = c.post("/v1/models/heat2d/predict?fallback=solve&max_std=1e-9", json=body)
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        assert doc["source"] == "solver" and r.headers["X-Prediction-Source"] == "solver"
+        sim_id = doc["simulation"]
+        assert sim_id >= 0
+        point = np.array([[params[n] for n in study.spec.params.names]])
+        traj = solvers.get("heat2d", **study.spec.solver_config).solve(point, simulation_seeds(0, np.array([sim_id])))
+        want = traj[0][[0, 5, 5, -1]].astype(np.float64)
+        want[2] = (traj[0][5] + traj[0][6]) / 2
+        np.testing.assert_allclose(np.asarray(doc["outputs"]), want, rtol=1e-5, atol=1e-3)
+        assert study.join(240), "study did not finish in time"
+        snap = study.snapshot()
+        assert snap["state"] == "finished", snap["error"]
+        assert snap["simulations"]["done"] == 201  # the budget's 200 and the one asked for
+        got = study.received_by_sim()
+        assert got[sim_id] == STEPS + 1  # every recorded step of it, once
+        assert sorted(got) == list(range(201)) and set(got.values()) == {STEPS + 1}
+        assert snap["samples"]["received"] == 201 * (STEPS + 1)
+        metrics = c.get("/metrics").text
+        assert 'surge_predict_fallbacks_total{model="heat2d",outcome="solved"} 1.0' in metrics
+    study.release()

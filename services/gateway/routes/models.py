@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import orjson
@@ -13,6 +13,8 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from services import metrics as M
+from services.fallback import FallbackError
+from services.gateway import fallback as FB
 from services.gateway import predict as P
 from services.gateway.deps import HubDep, PoolDep, PredictTokenDep, SettingsDep, TokenDep, read_body
 from services.gateway.pool import RETRY_AFTER_S, Overloaded
@@ -37,6 +39,7 @@ from services.gateway.settings import GatewaySettings
 from trainer.store import LoadedModel, StoreError
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
+FALLBACK_RETRY_S = 5  # a fallback refused for want of a free solver slot: retry after this
 
 # The error texts live with the checks shared by REST and gRPC; the tests import them from here too.
 NPY, MODEL_NOT_FOUND, UNSUPPORTED_TYPE = P.NPY, P.MODEL_NOT_FOUND, P.UNSUPPORTED_TYPE
@@ -55,6 +58,14 @@ _PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
                 "required": True,
                 "schema": {"type": "integer", "minimum": 1},
             },
+            "X-Prediction-Source": {
+                "description": "with fallback=solve: surrogate or solver",
+                "schema": {"type": "string", "enum": ["surrogate", "solver"]},
+            },
+            "X-Simulation-Id": {
+                "description": "the solver answered: the study's id of the simulation it ran",
+                "schema": {"type": "integer", "minimum": 0},
+            },
             "X-Model-Ensemble": {
                 "description": "an ensemble's members: the answer holds the mean and the standard deviation",
                 "schema": {"type": "integer", "minimum": 2},
@@ -70,11 +81,15 @@ _PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
     415: error("the body is neither application/json nor application/x-npy"),
     422: error(
         "the body or ?version is malformed, names other parameters or inputs than the model's card, holds a value "
-        "outside the model's box, or more rows than SURGE_MAX_PREDICT_ROWS"
+        "outside the model's box, or more rows than SURGE_MAX_PREDICT_ROWS; fallback=solve without max_std (or "
+        "the reverse), for a single model or an operator, or with rows of several parameter points"
     ),
     500: error("the model produced non-finite values"),
+    502: error("fallback=solve: the solver failed for this point (it raised, died, or gave non-finite values)"),
+    504: error("fallback=solve: the solver did not answer within SURGE_FALLBACK_TIMEOUT_S"),
     503: error(
-        "too many predictions at once: retry after Retry-After seconds",
+        "too many predictions (or fallback solves) at once, or fallback=solve with no running study of the model "
+        "that can solve the point: retry after Retry-After seconds",
         {
             "Retry-After": {
                 "description": "seconds to wait before retrying",
@@ -256,26 +271,47 @@ async def predict(
     pool: PoolDep,
     _: PredictTokenDep,
     version: Annotated[int | None, Query(ge=1, description="a published version (default: the newest)")] = None,
+    fallback: Annotated[
+        Literal["solve"] | None,
+        Query(description="solve: where the ensemble's std exceeds max_std, the study's solver answers"),
+    ] = None,
+    max_std: Annotated[
+        float | None,
+        Query(gt=0, allow_inf_nan=False, description="with fallback=solve: the largest std the ensemble may answer"),
+    ] = None,
 ) -> Response:
     """Predict fields for a parameter set at given times; JSON or ``application/x-npy`` in and out.
 
     ``?version=N`` pins a published version, so that results stay reproducible while training goes on.
-    An answer holds at most ``SURGE_MAX_PREDICT_VALUES`` output values (413 says how to split the
-    request); a gateway at its limit of concurrent predictions answers 503 with ``Retry-After``."""
+    An ensemble's answer carries its standard deviation; with ``?fallback=solve&max_std=X`` a point where
+    it exceeds ``X`` is solved by the study's solver instead (``"source": "solver"``), and that simulation
+    joins the training stream. An answer holds at most ``SURGE_MAX_PREDICT_VALUES`` output values (413
+    says how to split the request); a gateway at its limit of concurrent predictions answers 503 with
+    ``Retry-After``."""
     t0 = time.perf_counter()
     code = 500
     label = ["_unknown"]  # set in the worker once the model is found
     try:
+        threshold = FB.check_query(fallback, max_std)
         async with pool.admit():
             body = await read_body(request, settings.max_body_bytes)
             ctype = _ctype(request)
             npy_out = NPY in request.headers.get("accept", "")
-            content, media, headers = await pool.run(_answer, hub, name, version, body, ctype, npy_out, settings, label)
+            got = await pool.run(_answer, hub, name, version, body, ctype, npy_out, settings, label, threshold)
+            if isinstance(got, FB.Unsure):
+                gate: FB.FallbackGate = request.app.state.fallbacks
+                sim_id, fields = await gate.solve(request.app.state.manager, got, settings)
+                got = await pool.run(_solver_answer, got, fields, sim_id, npy_out)
+        content, media, headers = got
         code = 200
         return Response(content, media_type=media, headers=headers)
     except Overloaded as e:
         code = status.HTTP_503_SERVICE_UNAVAILABLE
         raise HTTPException(code, str(e), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    except FallbackError as e:
+        code = e.status
+        retry = {"Retry-After": str(FALLBACK_RETRY_S)} if e.status == 503 else None
+        raise HTTPException(e.status, e.message, headers=retry) from None
     except P.PredictError as e:
         code = e.status
         raise HTTPException(e.status, e.message) from None
@@ -296,16 +332,43 @@ def _answer(
     npy_out: bool,
     settings: GatewaySettings,
     label: list[str],
-) -> tuple[bytes, str, dict[str, str]]:
-    """One prediction, in a worker thread: model, parsing, the forward pass and the serialised answer."""
+    max_std: float | None = None,
+) -> tuple[bytes, str, dict[str, str]] | FB.Unsure:
+    """One prediction, in a worker thread: model, parsing, the forward pass and the serialised answer (or,
+    with ``max_std``, what the solver must answer instead when the ensemble is less sure than that)."""
     m = P.find_model(hub, name, version)  # one version for the whole request, whatever gets swapped in meanwhile
     label[0] = name
     inp = P.parse_body(body, ctype, m.spec, settings.max_predict_rows)
     P.check_answer_size(m, inp, settings.max_predict_values)
     y, std = P.predict(m, inp)
+    if max_std is not None and FB.unsure(m, inp, std, max_std):
+        return FB.Unsure(m, inp, max_std)
+    return _serialise(m, y, std, npy_out, "surrogate" if max_std is not None else None)
+
+
+def _solver_answer(u: FB.Unsure, fields: np.ndarray, sim_id: int, npy_out: bool) -> tuple[bytes, str, dict[str, str]]:
+    """The solver's fields as the answer, with a zero std (the solver is the reference the std estimates)."""
+    std = np.zeros_like(fields)
+    content, media, headers = _serialise(u.model, fields, std, npy_out, "solver", sim_id)
+    return content, media, headers
+
+
+def _serialise(
+    m: LoadedModel,
+    y: np.ndarray,
+    std: np.ndarray | None,
+    npy_out: bool,
+    source: str | None = None,
+    simulation: int | None = None,
+) -> tuple[bytes, str, dict[str, str]]:
+    name = m.name
     headers = {"X-Model-Version": str(m.version), "X-Model-Name": name}
     if std is not None:
         headers["X-Model-Ensemble"] = str(m.members)
+    if source is not None:
+        headers["X-Prediction-Source"] = source
+    if simulation is not None:
+        headers["X-Simulation-Id"] = str(simulation)
     if npy_out:
         buf = io.BytesIO()
         # An ensemble answers [2, N, C, *grid]: the mean, then the standard deviation.
@@ -323,6 +386,10 @@ def _answer(
     }
     if std is not None:
         payload.update(std=np.ascontiguousarray(std), ensemble=m.members)
+    if source is not None:
+        payload["source"] = source
+    if simulation is not None:
+        payload["simulation"] = simulation
     return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), "application/json", headers
 
 
