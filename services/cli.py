@@ -80,7 +80,7 @@ def _grpc_port(args: argparse.Namespace) -> int | None:
     return int(v) if v else None
 
 
-def _serve_grpc(args: argparse.Namespace, settings: Any, hub: Any) -> Any:
+def _serve_grpc(args: argparse.Namespace, settings: Any, hub: Any, queries: Any = None) -> Any:
     """The gRPC server (Predict, plus Ingest/Study for the studies of this process) on --grpc-port, or None."""
     port = _grpc_port(args)
     if port is None:
@@ -92,7 +92,9 @@ def _serve_grpc(args: argparse.Namespace, settings: Any, hub: Any) -> Any:
     except TLSError as e:
         raise SystemExit(f"surge: {e}") from None
     srv = serve(args.host, port, token=settings.ingest_token, max_message_bytes=settings.max_body_bytes, tls=pair)
-    srv.serve_predictions(hub, settings.max_predict_rows, settings.max_predict_values, settings.predict_token)
+    srv.serve_predictions(
+        hub, settings.max_predict_rows, settings.max_predict_values, settings.predict_token, queries=queries
+    )
     return srv
 
 
@@ -142,7 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     manager = StudyManager(settings.store, settings.max_running_studies, ingest_token=ingest_token)
     app = create_app(settings, manager)
     try:
-        grpc_server = _serve_grpc(args, settings, app.state.hub)
+        grpc_server = _serve_grpc(args, settings, app.state.hub, app.state.queries)
     except OSError as e:
         console.print(f"[red]surge: {e}; pass --grpc-port[/red]")
         return 2
@@ -209,7 +211,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         manager = StudyManager(settings.store, settings.max_running_studies, ingest_token=settings.ingest_token)
     app = create_app(settings, manager)
     try:
-        _serve_grpc(args, settings, app.state.hub)
+        _serve_grpc(args, settings, app.state.hub, app.state.queries)
     except OSError as e:
         print(f"surge: {e}", file=sys.stderr)
         return 2

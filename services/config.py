@@ -123,11 +123,22 @@ class UncertaintyConfig(_Strict):
     refresh_s: float = Field(10.0, gt=0, le=3600, description="how often the study loads the newest ensemble")
 
 
+class QueriesConfig(_Strict):
+    """Draws near the parameter points users asked the gateway about (``services.queries.QuerySampler``)."""
+
+    fraction: float = Field(0.5, ge=0, le=1, description="share of each draw taken near queried points")
+    jitter: float = Field(
+        0.01, ge=0, le=1, description="Gaussian jitter of a queried point, as a fraction of each parameter's range"
+    )
+    refresh_s: float = Field(10.0, gt=0, le=3600, description="how often the study reads the queried points")
+
+
 class SamplerConfig(_Strict):
-    kind: Literal["uniform", "sobol", "breed", "uncertainty"] = "uniform"
+    kind: Literal["uniform", "sobol", "breed", "uncertainty", "queries"] = "uniform"
     seed: int = Field(0, ge=0)
     breed: BreedConfig | None = Field(None, description="settings of kind 'breed' (defaults: Melissa's)")
     uncertainty: UncertaintyConfig | None = Field(None, description="settings of kind 'uncertainty'")
+    queries: QueriesConfig | None = Field(None, description="settings of kind 'queries'")
 
     @model_validator(mode="after")
     def _settings_of_kind(self) -> SamplerConfig:
@@ -140,6 +151,8 @@ class SamplerConfig(_Strict):
             raise ValueError(
                 f"sampler.uncertainty is set but sampler.kind is {self.kind!r}: set kind: uncertainty, or drop it"
             )
+        if self.queries is not None and self.kind != "queries":
+            raise ValueError(f"sampler.queries is set but sampler.kind is {self.kind!r}: set kind: queries, or drop it")
         return self
 
     @property
@@ -150,10 +163,13 @@ class SamplerConfig(_Strict):
     @property
     def adaptive(self) -> bool:
         """Whether draws depend on what training reports."""
-        return self.kind in ("breed", "uncertainty")
+        return self.kind in ("breed", "uncertainty", "queries")
 
     def uncertainty_settings(self) -> UncertaintyConfig:
         return self.uncertainty or UncertaintyConfig()
+
+    def queries_settings(self) -> QueriesConfig:
+        return self.queries or QueriesConfig()
 
     def breed_settings(self) -> dict[str, Any]:
         return (self.breed or BreedConfig()).model_dump()

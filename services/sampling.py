@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import qmc
 
+from services.queries import QuerySampler
 from solvers.base import ParamSpace
 
 log = logging.getLogger("surge.sampling")
@@ -295,10 +296,15 @@ def make_sampler(
     seed: int,
     breed: dict[str, Any] | None = None,
     uncertainty: dict[str, Any] | None = None,
+    queries: dict[str, Any] | None = None,
+    source: Callable[[], np.ndarray] | None = None,
 ) -> Any:
     """The sampler a study's config names: ``Sampler`` (uniform, sobol), ``BreedSampler`` (breed, with the
-    settings ``breed``) or ``UncertaintySampler`` (uncertainty, with ``uncertainty``; its ``mix`` names the
-    sampler of the other points, a breed mix taking the settings ``breed``)."""
+    settings ``breed``), ``UncertaintySampler`` (uncertainty, with ``uncertainty``; its ``mix`` names the
+    sampler of the other points, a breed mix taking the settings ``breed``) or ``QuerySampler`` (queries,
+    with ``queries``, drawing near the points ``source()`` gives)."""
+    if kind == "queries":
+        return QuerySampler(space, seed, source=source, **(queries or {}))
     if kind == "breed":
         return BreedSampler(space, seed, **(breed or {}))
     if kind == "uncertainty":

@@ -100,6 +100,8 @@ class SamplerFigures(_Part):
     bred_fraction: float | None = Field(None, description="breed: the fraction of the next draws bred")
     scored: int = Field(0, description="uncertainty: simulations placed where the ensemble disagreed most")
     scorer_version: int | None = Field(None, description="uncertainty: the model version scoring the draws")
+    queried: int = Field(0, description="queries: simulations drawn near parameter points users asked about")
+    query_points: int = Field(0, description="queries: the queried points the sampler draws near now")
 
 
 class StudySnapshot(_Part):

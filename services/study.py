@@ -33,6 +33,7 @@ from services.dispatch import Dispatcher
 from services.fallback import Fallbacks, FallbackUnavailable
 from services.ledger import LedgerError, SimulationIds
 from services.metrics import PROGRESS_DIR
+from services.queries import QuerySampler, query_source
 from services.sampling import make_sampler
 from services.snapshot import (
     BufferFigures,
@@ -101,6 +102,9 @@ class Study:
             sc.seed,
             sc.breed_settings() if sc.breeds else None,
             sc.uncertainty_settings().model_dump() if sc.kind == "uncertainty" else None,
+            sc.queries_settings().model_dump() if sc.kind == "queries" else None,
+            # Where the gateway keeps the points users ask the served model about (services.queries).
+            query_source(self.store_root, config.served_name, self.spec.params) if sc.kind == "queries" else None,
         )
         self.sampler = sampler
         self.losses_observed = 0  # per-simulation losses passed to an adaptive sampler
@@ -391,6 +395,8 @@ class Study:
             out["breed"] = sc.breed_settings()
         if sc.kind == "uncertainty":
             out["uncertainty"] = sc.uncertainty_settings().model_dump()
+        if sc.kind == "queries":
+            out["queries"] = sc.queries_settings().model_dump()
         return out
 
     def solve(self, params: np.ndarray, timeout: float) -> tuple[int, np.ndarray]:
@@ -634,6 +640,8 @@ class Study:
                 bred_fraction=self.sampler.fraction() if self.config.sampler.breeds else None,
                 scored=getattr(self.sampler, "scored", 0),
                 scorer_version=self.scorer_version,
+                queried=getattr(self.sampler, "queried", 0),
+                query_points=len(self.sampler.points) if isinstance(self.sampler, QuerySampler) else 0,
             ),
             ingest=self.feed.stats() if self.feed is not None else None,
         ).to_dict()

@@ -7,7 +7,8 @@ Problem
     u_t = \nu\,u_{xx} + \rho\,u(1 - u) \quad \text{on } [0, 1) \text{ periodic}, \qquad u(x, 0) = u_0(x) \in [0, 1],
 
 with parameters :math:`\nu \in [0.5, 5]`, :math:`\rho \in [1, 10]` (PDEBench ships
-:math:`\nu \in \{0.5, 1, 2, 5\}`, :math:`\rho \in \{1, 2, 5, 10\}`). The recorded field is ``u`` at
+:math:`\nu \in \{0.5, 1, 2, 5\}`, :math:`\rho \in \{1, 2, 5, 10\}`); ``nu_min`` lowers the
+diffusivity's bound to reach thin fronts (width :math:`\sqrt{\nu/\rho}`). The recorded field is ``u`` at
 ``snapshots + 1`` equally spaced times in ``[0, t_final]``; the natural operator is
 ``(u at t=0, nu, rho) -> u at t > 0`` (or one snapshot to the next). Values stay in ``[0, 1]``.
 
@@ -68,6 +69,7 @@ from solvers.advection1d import (
 from solvers.base import ParamSpace
 
 _NAME = "reaction_diffusion1d"
+NU_MAX, RHO_LOW, RHO_HIGH = 5.0, 1.0, 10.0  # the box's other bounds (PDEBench's)
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,9 @@ class ReactionDiffusion1DConfig:
     ``t = k t_final / snapshots``. ``substeps`` (>= 1): Strang steps per recorded interval (default step
     ``h = 5e-4``; measured max deviation from the ``h -> 0`` limit ~1e-4 over the parameter box).
     ``k_max``, ``n_waves``, ``p_abs``, ``p_window``: the random initial condition (see
-    :mod:`solvers.advection1d`); ``n_waves * k_max < resolution / 2``.
+    :mod:`solvers.advection1d`); ``n_waves * k_max < resolution / 2``. ``nu_min``: lower bound of the ``nu``
+    box, in ``(0, 5)`` (default PDEBench's 0.5); below it fronts of width ``sqrt(nu / rho)`` form, which
+    ``resolution`` must resolve.
     """
 
     resolution: int = 1024
@@ -89,6 +93,7 @@ class ReactionDiffusion1DConfig:
     n_waves: int = 2
     p_abs: float = 0.1
     p_window: float = 0.1
+    nu_min: float = 0.5
 
     def __post_init__(self) -> None:
         res = check_int(_NAME, "resolution", self.resolution, 16)
@@ -102,6 +107,10 @@ class ReactionDiffusion1DConfig:
         object.__setattr__(self, "n_waves", check_int(_NAME, "n_waves", self.n_waves, 1))
         object.__setattr__(self, "p_abs", check_float(_NAME, "p_abs", self.p_abs, 0.0, 1.0, open_low=False))
         object.__setattr__(self, "p_window", check_float(_NAME, "p_window", self.p_window, 0.0, 1.0, open_low=False))
+        nu_min = check_float(_NAME, "nu_min", self.nu_min, 0.0, NU_MAX)
+        if nu_min >= NU_MAX:
+            raise ValueError(f"{_NAME}.nu_min must lie below nu's upper bound {NU_MAX}, got {nu_min}")
+        object.__setattr__(self, "nu_min", nu_min)
         if self.n_waves * self.k_max >= res // 2:
             raise ValueError(
                 f"{_NAME}.k_max must satisfy n_waves * k_max < resolution / 2 (highest drawable wavenumber below "
@@ -168,7 +177,7 @@ class ReactionDiffusion1D:
         if not isinstance(config, ReactionDiffusion1DConfig):
             raise TypeError(f"ReactionDiffusion1D expects a ReactionDiffusion1DConfig, got {type(config).__name__}")
         self._config = config
-        self._params = ParamSpace(names=("nu", "rho"), low=(0.5, 1.0), high=(5.0, 10.0))
+        self._params = ParamSpace(names=("nu", "rho"), low=(config.nu_min, RHO_LOW), high=(NU_MAX, RHO_HIGH))
 
     # ------------------------------------------------------------------ description
 
@@ -178,7 +187,7 @@ class ReactionDiffusion1D:
 
     @property
     def params(self) -> ParamSpace:
-        """``nu`` in ``[0.5, 5]`` (diffusivity), ``rho`` in ``[1, 10]`` (growth rate)."""
+        """``nu`` in ``[nu_min, 5]`` (diffusivity; ``nu_min`` 0.5 by default), ``rho`` in ``[1, 10]`` (growth rate)."""
         return self._params
 
     @property

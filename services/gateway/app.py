@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -24,6 +25,7 @@ from services.gateway.pool import PredictPool
 from services.gateway.routes import models, studies, system
 from services.gateway.settings import GatewaySettings
 from services.metrics import StudyCollector
+from services.queries import QueryBook
 from services.study import StudyBackend
 
 STUDIES_STOP_WAIT_S = 90.0  # at shutdown, for studies run in this process to publish their last checkpoint
@@ -41,9 +43,13 @@ def create_app(settings: GatewaySettings | None = None, manager: StudyBackend | 
         threads_before = torch.get_num_threads()
         torch.set_num_threads(settings.intra_op_threads())
         await asyncio.to_thread(app.state.hub.start)  # loads every model: not on the event loop
+        flusher = asyncio.create_task(_flush_queries(app.state.queries, settings.query_flush_s))
         try:
             yield
         finally:
+            flusher.cancel()
+            if app.state.queries is not None:
+                await asyncio.to_thread(app.state.queries.flush)  # what was asked since the last flush
             app.state.predict_pool.shutdown()
             torch.set_num_threads(threads_before)  # the process may go on (an embedding program, tests)
             # Studies run in this process (embedded) stop as a DELETE would: each publishes a last checkpoint.
@@ -58,6 +64,12 @@ def create_app(settings: GatewaySettings | None = None, manager: StudyBackend | 
     app.state.manager = manager
     app.state.predict_pool = PredictPool(settings.predict_workers, settings.predict_queue)
     app.state.fallbacks = FallbackGate(settings.max_fallbacks)
+    # The points users ask about, per model, for studies with sampler.kind: queries (None: not kept).
+    app.state.queries = (
+        QueryBook(settings.store, settings.query_sample, settings.query_flush_s, seed=_replica_seed())
+        if settings.query_sample
+        else None
+    )
     app.state.study_registry = CollectorRegistry(auto_describe=True)
     app.state.study_registry.register(StudyCollector(settings.store))
 
@@ -89,6 +101,20 @@ def create_app(settings: GatewaySettings | None = None, manager: StudyBackend | 
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _replica_seed() -> int:
+    """Gateway replicas sharing a store must not make the same reservoir choices (QueryBook)."""
+    return int.from_bytes(os.urandom(8), "little")
+
+
+async def _flush_queries(book: QueryBook | None, every_s: float) -> None:
+    """Merge the kept query points into the store every ``every_s`` (QueryBook.flush never raises)."""
+    if book is None:
+        return
+    while True:
+        await asyncio.sleep(every_s)
+        await asyncio.to_thread(book.flush)
 
 
 def allowed_methods(routes: Iterable[Route], scope: dict[str, Any]) -> list[str]:

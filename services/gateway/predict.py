@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from services.gateway.hub import run_model_std
 from services.gateway.schemas import OperatorPredictRequest, PredictRequest
+from services.queries import QueryBook
 from trainer.problem import ProblemSpec
 from trainer.store import LoadedModel
 
@@ -260,6 +261,15 @@ def check_answer_size(m: LoadedModel, inp: PredictInput, max_values: int) -> Non
     )
 
 
+def record_query(queries: QueryBook, m: LoadedModel, inp: PredictInput) -> None:
+    """Keep the parameter sets of an answered request (each once, whatever its times) for sampler.kind: queries."""
+    space = m.spec.params
+    if not space.dim:
+        return
+    params = np.unique(inp.rows[:, : space.dim], axis=0)  # parametric rows end with t; operator rows do not
+    queries.record(m.name, params, space.names)
+
+
 def predict(m: LoadedModel, inp: PredictInput) -> tuple[np.ndarray, np.ndarray | None]:
     """The model's prediction ``[N, C_out, *grid]`` float32 and, for an ensemble, its standard deviation
     (same shape; ``None`` otherwise). Either may hold non-finite values: callers decide."""
@@ -280,5 +290,6 @@ __all__ = [
     "parse_body",
     "parse_data",
     "predict",
+    "record_query",
     "spec_of",
 ]

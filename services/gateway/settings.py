@@ -55,6 +55,15 @@ class GatewaySettings(BaseModel):
     fallback_timeout_s: float = Field(
         60.0, gt=0, le=600, description="how long a predict fallback waits for the solver before answering 504"
     )
+    query_sample: int = Field(
+        1024,
+        ge=0,
+        le=100_000,
+        description="points asked of each model kept (a uniform sample) for sampler.kind: queries; 0: off",
+    )
+    query_flush_s: float = Field(
+        5.0, gt=0, le=3600, description="how often the kept query points are merged into the model store"
+    )
     max_running_studies: int = Field(2, ge=1)
     ray_jobs_address: str | None = Field(
         None, description="Ray job API (http://head:8265): studies run there as Ray jobs"
@@ -95,6 +104,8 @@ class GatewaySettings(BaseModel):
             "torch_threads",
             "max_fallbacks",
             "fallback_timeout_s",
+            "query_sample",
+            "query_flush_s",
         ):
             if v := os.environ.get(f"SURGE_{key.upper()}"):
                 env[key] = v  # validated (and refused with the variable's meaning) by the model

@@ -63,11 +63,13 @@ class PredictService(rpc.PredictServicer):
         self._models: Any = None
         self._max_rows = 4096
         self._max_values = 2**22
+        self._queries: Any = None  # a QueryBook: the parameter points asked, for sampler.kind: queries
         self._lock = threading.Lock()
 
-    def lend(self, models: Any, max_rows: int, max_values: int = 2**22) -> None:
+    def lend(self, models: Any, max_rows: int, max_values: int = 2**22, queries: Any = None) -> None:
         with self._lock:
             self._models, self._max_rows, self._max_values = models, max_rows, max_values
+            self._queries = queries
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         models, max_rows = self._models, self._max_rows
@@ -82,6 +84,8 @@ class PredictService(rpc.PredictServicer):
             inp = P.parse_data(request_data(request, spec), spec, max_rows)
             P.check_answer_size(m, inp, self._max_values)
             y, std = P.predict(m, inp)  # (N, C_out, *grid) each
+            if self._queries is not None:
+                P.record_query(self._queries, m, inp)
             if not np.all(np.isfinite(y)) or (std is not None and not np.all(np.isfinite(std))):
                 raise P.PredictError(500, P.NON_FINITE_OUTPUT)
             code = 200

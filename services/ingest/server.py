@@ -320,10 +320,13 @@ class SurgeServer:
         """The study has ended (its feed stays known, closed, so that late clients hear that it ended)."""
         feed.close(f"study {feed.study_id} has ended")
 
-    def serve_predictions(self, models: Any, max_rows: int, max_values: int = 2**22, token: str | None = None) -> None:
-        """Answer Predict from ``models``; with ``token``, only calls that carry it."""
+    def serve_predictions(
+        self, models: Any, max_rows: int, max_values: int = 2**22, token: str | None = None, queries: Any = None
+    ) -> None:
+        """Answer Predict from ``models``; with ``token``, only calls that carry it; the parameter points asked
+        are kept in ``queries`` (a ``QueryBook``) when given."""
         self._check.predict_token = token
-        self.predict.lend(models, max_rows, max_values)
+        self.predict.lend(models, max_rows, max_values, queries)
 
     def stop(self, grace: float = 1.0) -> None:
         self._server.stop(grace).wait(grace + 1)

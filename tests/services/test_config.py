@@ -40,7 +40,10 @@ def test_shipped_config_loads(path: Path) -> None:
         ({"sampler": {"kind": "breed", "breed": {"sigma": 0}}}, "sampler.breed.sigma: Input should be greater"),
         ({"sampler": {"kind": "breed", "breed": {"sigmas": 0.1}}}, "sampler.breed.sigmas: Extra inputs"),
         ({"sampler": {"breed": {"sigma": 0.1}}}, "sampler.breed is set but sampler.kind is 'uniform'"),
-        ({"sampler": {"kind": "ogas"}}, "sampler.kind: Input should be 'uniform', 'sobol', 'breed' or 'uncertainty'"),
+        (
+            {"sampler": {"kind": "ogas"}},
+            "sampler.kind: Input should be 'uniform', 'sobol', 'breed', 'uncertainty' or 'queries'",
+        ),
         ({"training": {"ensemble": 0}}, "training.ensemble: Input should be greater than or equal to 1"),
         ({"sampler": {"kind": "uncertainty"}}, "set training.ensemble to 2 or more (it is 1)"),
         ({"sampler": {"uncertainty": {"pool": 8}}}, "sampler.uncertainty is set but sampler.kind is 'uniform'"),
@@ -71,6 +74,13 @@ def test_shipped_config_loads(path: Path) -> None:
         (
             {"problem": {"solver": "ks1d", "config": {}}, "sampler": {"kind": "breed"}},
             "breed moves parameter points, and solver 'ks1d' has no scalar parameters",
+        ),
+        ({"sampler": {"queries": {"fraction": 0.2}}}, "sampler.queries is set but sampler.kind is 'uniform'"),
+        ({"sampler": {"kind": "queries", "queries": {"fraction": 1.5}}}, "sampler.queries.fraction: Input should be"),
+        ({"sampler": {"kind": "queries", "queries": {"jitter": -0.1}}}, "sampler.queries.jitter: Input should be"),
+        (
+            {"problem": {"solver": "ks1d", "config": {}}, "sampler": {"kind": "queries"}},
+            "queries moves parameter points, and solver 'ks1d' has no scalar parameters",
         ),
     ],
 )

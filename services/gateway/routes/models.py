@@ -36,6 +36,7 @@ from services.gateway.schemas import (
     inline_schema,
 )
 from services.gateway.settings import GatewaySettings
+from services.queries import QueryBook
 from trainer.store import LoadedModel, StoreError
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -297,7 +298,9 @@ async def predict(
             body = await read_body(request, settings.max_body_bytes)
             ctype = _ctype(request)
             npy_out = NPY in request.headers.get("accept", "")
-            got = await pool.run(_answer, hub, name, version, body, ctype, npy_out, settings, label, threshold)
+            got = await pool.run(
+                _answer, hub, name, version, body, ctype, npy_out, settings, label, threshold, request.app.state.queries
+            )
             if isinstance(got, FB.Unsure):
                 gate: FB.FallbackGate = request.app.state.fallbacks
                 sim_id, fields = await gate.solve(request.app.state.manager, got, settings)
@@ -333,6 +336,7 @@ def _answer(
     settings: GatewaySettings,
     label: list[str],
     max_std: float | None = None,
+    queries: QueryBook | None = None,
 ) -> tuple[bytes, str, dict[str, str]] | FB.Unsure:
     """One prediction, in a worker thread: model, parsing, the forward pass and the serialised answer (or,
     with ``max_std``, what the solver must answer instead when the ensemble is less sure than that)."""
@@ -341,6 +345,8 @@ def _answer(
     inp = P.parse_body(body, ctype, m.spec, settings.max_predict_rows)
     P.check_answer_size(m, inp, settings.max_predict_values)
     y, std = P.predict(m, inp)
+    if queries is not None:
+        P.record_query(queries, m, inp)
     if max_std is not None and FB.unsure(m, inp, std, max_std):
         return FB.Unsure(m, inp, max_std)
     return _serialise(m, y, std, npy_out, "surrogate" if max_std is not None else None)
