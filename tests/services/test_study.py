@@ -286,6 +286,40 @@ def test_a_breed_study_learns_from_its_losses_and_draws_near_earlier_points(tmp_
     study.release()
 
 
+def test_a_queries_study_runs_half_its_simulations_where_users_asked(tmp_path) -> None:
+    """The gateway's query sample in the store steers the study's draws: with jitter 0, half of the
+    points are exactly the asked ones; the rest stay uniform."""
+    import json
+
+    import numpy as np
+
+    from services.queries import QueryBook
+    from services.study import LEDGER_FILE
+
+    asked = np.array([[300.0, 200.0, 400.0, 100.0, 500.0], [150.0, 450.0, 250.0, 350.0, 120.0]])
+    (tmp_path / "heat2d").mkdir()
+    book = QueryBook(tmp_path)
+    book.record("heat2d", asked, ("u0", "t_left", "t_right", "t_bottom", "t_top"))
+    assert book.flush() == 1
+    cfg = _config(
+        name="queries",
+        simulations=80,
+        sampler={"kind": "queries", "queries": {"fraction": 0.5, "jitter": 0.0, "refresh_s": 0.5}},
+    )
+    study = _run(cfg, tmp_path)
+    snap = study.snapshot()
+    assert snap["state"] == "finished", snap["error"]
+    assert snap["simulations"]["done"] == 80
+    assert snap["sampler"]["queried"] == 40 and snap["sampler"]["query_points"] == 2
+    takes = [json.loads(ln) for ln in (study.dir / LEDGER_FILE).read_text().splitlines()]
+    points = np.concatenate([np.array(r["fresh"]) for r in takes if "fresh" in r])
+    assert points.shape == (80, 5)
+    at_query = (points[:, None, :] == asked[None]).all(axis=2).any(axis=1)
+    assert int(at_query.sum()) == 40
+    assert ModelStore(tmp_path).card("heat2d").extra["sampler"]["queries"]["fraction"] == 0.5
+    study.release()
+
+
 def test_an_ensemble_study_publishes_its_calibration_and_scores_its_draws_with_it(tmp_path) -> None:
     """training.ensemble trains K members in the one Ray Train run; the card carries the calibration measured
     on held-out simulations; the uncertainty sampler scores its draws with the ensemble the study published."""
