@@ -31,7 +31,7 @@ PREDICT_LATENCY = Histogram(
 )
 PREDICT_FALLBACKS = Counter(
     "surge_predict_fallbacks_total",
-    "Predict fallbacks to the solver (fallback=solve) by outcome: solved, busy, unavailable, timeout, failed",
+    "Predict fallbacks to the solver (fallback=solve) by outcome: solved, busy, unavailable, timeout, failed, refused",
     ["model", "outcome"],
 )
 MODEL_VERSION = Gauge("surge_model_version", "Model version being served", ["model"])

@@ -54,16 +54,20 @@ def check_query(fallback: str | None, max_std: float | None) -> float | None:
 
 
 def unsure(m: LoadedModel, inp: P.PredictInput, std: np.ndarray | None, max_std: float) -> bool:
-    """Whether this answer goes to the solver; ``PredictError(422)`` for a model that cannot say."""
+    """Whether this answer goes to the solver; ``PredictError(422)`` for a model that cannot say (counted as
+    outcome ``refused``: fallbacks asked of models that cannot give them are worth seeing on a dashboard)."""
     if std is None:
-        raise P.PredictError(422, NEEDS_ENSEMBLE.format(name=m.name))
+        raise _refused(m, NEEDS_ENSEMBLE.format(name=m.name))
     if m.spec.field_input:
-        raise P.PredictError(422, NEEDS_PARAMETRIC.format(name=m.name))
+        raise _refused(m, NEEDS_PARAMETRIC.format(name=m.name))
     if not np.all(inp.rows[:, :-1] == inp.rows[:1, :-1]):
-        raise P.PredictError(
-            422, "fallback=solve answers one parameter point per request: every row's parameters must match"
-        )
+        raise _refused(m, "fallback=solve answers one parameter point per request: every row's parameters must match")
     return bool(np.max(std) > max_std)
+
+
+def _refused(m: LoadedModel, message: str) -> P.PredictError:
+    M.PREDICT_FALLBACKS.labels(m.name, "refused").inc()
+    return P.PredictError(422, message)
 
 
 class FallbackGate:

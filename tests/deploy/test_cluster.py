@@ -280,6 +280,11 @@ def test_every_dashboard_metric_has_series(cluster, study) -> None:
     def missing() -> list[str] | None:
         # A failed predict gives the error-rate panels their series too.
         httpx.post(f"{cluster['gateway']}/v1/models/heat2d/predict", json={"params": {}, "times": [0.0]})
+        # A fallback asked of a single model (a 422) gives the fallback panel its series.
+        httpx.post(
+            f"{cluster['gateway']}/v1/models/heat2d/predict?fallback=solve&max_std=1",
+            json={"params": {"u0": 300, "t_left": 100, "t_right": 500, "t_bottom": 200, "t_top": 400}, "times": [0.5]},
+        )
         out = [n for n in names if not httpx.get(f"{prom}/api/v1/query", params={"query": n}).json()["data"]["result"]]
         return out or None
 

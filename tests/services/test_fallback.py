@@ -97,12 +97,14 @@ def test_rows_of_several_points_cannot_fall_back(gateway: TestClient) -> None:
 
     buf = io.BytesIO()
     np.save(buf, rows)
+    before = _fallbacks(gateway)
     r = gateway.post(
         f"{URL.format('ens')}?fallback=solve&max_std=1e-9",
         content=buf.getvalue(),
         headers={"content-type": "application/x-npy"},
     )
     assert r.status_code == 422 and "one parameter point per request" in r.json()["detail"]
+    assert _delta(gateway, before) == {"refused": 1.0}
 
 
 def _fallbacks(c: TestClient) -> dict[str, float]:
